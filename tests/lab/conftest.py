@@ -1,0 +1,87 @@
+"""Fixtures for lab tests: the running lab, SSH into its hosts, ansible-playbook runs.
+
+The lab tier expects `python3 tests/lab/lab.py up` to have run (make test-lab does it); a lab test
+that finds no lab fails instead of skipping, so a broken lab can never pass as green.
+"""
+from __future__ import annotations
+
+import configparser
+import re
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+LAB_DIR = REPO / ".lab"
+INVENTORY = LAB_DIR / "inventory.ini"
+RECAP_RE = re.compile(r"^(\S+)\s+:\s+ok=(\d+)\s+changed=(\d+)\s+unreachable=(\d+)\s+failed=(\d+)", re.M)
+
+
+@dataclass
+class PlaybookRun:
+    rc: int
+    output: str
+
+    def recap(self) -> dict[str, dict[str, int]]:
+        return {m[0]: {"ok": int(m[1]), "changed": int(m[2]), "unreachable": int(m[3]), "failed": int(m[4])}
+                for m in RECAP_RE.findall(self.output)}
+
+    def changed_total(self) -> int:
+        return sum(h["changed"] for h in self.recap().values())
+
+
+def run_playbook(playbook: str, *args: str, inventory: Path = INVENTORY, timeout: float = 3600) -> PlaybookRun:
+    proc = subprocess.run(["ansible-playbook", "-i", str(inventory), str(REPO / playbook), *args],
+                          cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    return PlaybookRun(proc.returncode, proc.stdout + proc.stderr)
+
+
+@dataclass
+class LabHost:
+    name: str
+    address: str
+
+    def run(self, command: str, *, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess:
+        proc = subprocess.run(["ssh", "-i", str(LAB_DIR / "id_ed25519"), "-o", "StrictHostKeyChecking=no",
+                               "-o", "UserKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR",
+                               "-o", "ConnectTimeout=5", "-o", "BatchMode=yes", f"fleet@{self.address}", command],
+                              capture_output=True, text=True, timeout=timeout)
+        if check and proc.returncode != 0:
+            raise AssertionError(f"{self.name}: `{command}` failed ({proc.returncode}): {proc.stderr}{proc.stdout}")
+        return proc
+
+
+def read_inventory(path: Path = INVENTORY) -> tuple[dict[str, LabHost], dict[str, list[str]]]:
+    parser = configparser.ConfigParser(allow_no_value=True, delimiters=("\n",), strict=False)
+    parser.optionxform = str
+    parser.read(path)
+    hosts: dict[str, LabHost] = {}
+    groups: dict[str, list[str]] = {}
+    for section in parser.sections():
+        if ":" in section:
+            continue
+        for line in parser[section]:
+            name, *pairs = line.split()
+            kv = dict(p.split("=", 1) for p in pairs)
+            if "ansible_host" in kv:
+                hosts[name] = LabHost(name, kv["ansible_host"])
+            groups.setdefault(section, []).append(name)
+    return hosts, groups
+
+
+@pytest.fixture(scope="session")
+def lab():
+    if not INVENTORY.exists():
+        pytest.fail("no lab: run `python3 tests/lab/lab.py up` (make test-lab does)")
+    hosts, groups = read_inventory()
+    return {"hosts": hosts, "groups": groups, "inventory": INVENTORY}
+
+
+@pytest.fixture(scope="session")
+def deployed_lab(lab):
+    """deploy.yml run once on the lab for the whole session; later tests read the result."""
+    first = run_playbook("deploy.yml")
+    assert first.rc == 0, first.output[-20000:]
+    return dict(lab, first_run=first)

@@ -1,0 +1,396 @@
+#!/usr/bin/env python3
+"""The vllm-fleet local lab: GPU-less "bare-metal hosts" as systemd containers on this machine.
+
+    python3 tests/lab/lab.py up [--hosts N]   create (or repair) the lab, write .lab/inventory.ini
+    python3 tests/lab/lab.py status           hosts, addresses, SSH reachability
+    python3 tests/lab/lab.py ssh HOST [CMD]   SSH into a lab host as the deploy user
+    python3 tests/lab/lab.py down [--purge]   remove every container, volume and network it made
+                                              (--purge also removes the cached base image)
+
+Each host runs systemd and sshd, is reached over SSH as user `fleet` (passwordless sudo) with a
+key generated for the controller, sits on two networks (management = default route, fabric =
+separate subnet) and can run Docker inside (the provision stage installs the engine).
+The last host's fabric NIC is renamed so interface detection is never "eth1 everywhere".
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+STATE_DIR = Path(os.environ.get("FLEETLAB_DIR", REPO / ".lab"))
+BASE_IMAGE = "vllm-fleet/debian-base:bookworm"
+# A second lab (tests of the lab itself) uses another prefix and subnet pair.
+PREFIX = os.environ.get("FLEETLAB_PREFIX", "fleetlab")
+_NET = int(os.environ.get("FLEETLAB_NET_INDEX", "10"))  # mgmt 172.28.N.0/24, fabric 172.28.N+10.0/24
+MGMT_NET, MGMT_SUBNET, MGMT_PREFIX = f"{PREFIX}-mgmt", f"172.28.{_NET}.0/24", f"172.28.{_NET}."
+FABRIC_NET, FABRIC_SUBNET, FABRIC_PREFIX = f"{PREFIX}-fabric", f"172.28.{_NET + 10}.0/24", f"172.28.{_NET + 10}."
+RENAMED_FABRIC_NIC = "fab0"
+DEPLOY_USER = "fleet"
+LABEL = f"vllm-fleet.lab={PREFIX}"
+DEBOOTSTRAP_PACKAGES = "systemd,systemd-sysv,openssh-server,python3,sudo,iproute2,ca-certificates"
+DEFAULT_HOSTS = 3
+
+
+def log(msg: str) -> None:
+    print(f"[lab] {msg}", flush=True)
+
+
+class LabError(RuntimeError):
+    pass
+
+
+def run(cmd: list[str], *, check: bool = True, capture: bool = True, timeout: float = 600,
+        input_text: str | None = None) -> subprocess.CompletedProcess:
+    try:
+        proc = subprocess.run(cmd, check=False, text=True, timeout=timeout, input=input_text,
+                              stdout=subprocess.PIPE if capture else None,
+                              stderr=subprocess.PIPE if capture else None)
+    except subprocess.TimeoutExpired as exc:
+        raise LabError(f"timed out after {timeout:.0f}s: {' '.join(cmd)}") from exc
+    if check and proc.returncode != 0:
+        detail = (proc.stderr or proc.stdout or "").strip()
+        raise LabError(f"command failed ({proc.returncode}): {' '.join(cmd)}\n{detail}")
+    return proc
+
+
+def host_name(index: int) -> str:
+    return f"node{index}"
+
+
+def container_name(index: int) -> str:
+    return f"{PREFIX}-{host_name(index)}"
+
+
+def mgmt_ip(index: int) -> str:
+    return f"{MGMT_PREFIX}{10 + index}"
+
+
+def fabric_ip(index: int) -> str:
+    return f"{FABRIC_PREFIX}{10 + index}"
+
+
+# --- outer Docker engine -------------------------------------------------------------------
+
+def docker_ready() -> bool:
+    return shutil.which("docker") is not None and run(["docker", "info"], check=False, timeout=30).returncode == 0
+
+
+def ensure_docker() -> None:
+    """Install and start the outer Docker engine when absent (CI machines start bare)."""
+    if docker_ready():
+        return
+    if shutil.which("dockerd") is None:
+        log("installing docker.io (outer engine)")
+        apt_install(["docker.io"])
+    log("starting dockerd")
+    with open("/var/log/fleetlab-dockerd.log", "ab") as out:
+        subprocess.Popen(["dockerd"], stdout=out, stderr=out, start_new_session=True)
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        if docker_ready():
+            return
+        time.sleep(1)
+    raise LabError("dockerd did not answer within 90s; see /var/log/fleetlab-dockerd.log")
+
+
+def apt_install(packages: list[str]) -> None:
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    subprocess.run(["apt-get", "update", "-qq"], check=True, env=env, timeout=600)
+    subprocess.run(["apt-get", "install", "-y", "-qq", *packages], check=True, env=env, timeout=1200)
+
+
+def image_exists(name: str) -> bool:
+    return run(["docker", "image", "inspect", name], check=False).returncode == 0
+
+
+def ensure_base_image() -> None:
+    """Debian bookworm minbase with systemd + sshd, made locally (there is no registry)."""
+    if image_exists(BASE_IMAGE):
+        return
+    if shutil.which("debootstrap") is None:
+        log("installing debootstrap")
+        apt_install(["debootstrap"])
+    started = time.monotonic()
+    log(f"building {BASE_IMAGE} with debootstrap (about a minute)")
+    with tempfile.TemporaryDirectory(prefix="fleetlab-rootfs-") as rootfs:
+        run(["debootstrap", "--variant=minbase", f"--include={DEBOOTSTRAP_PACKAGES}", "bookworm",
+             rootfs, "http://deb.debian.org/debian"], timeout=1200)
+        tar = subprocess.Popen(["tar", "-C", rootfs, "-c", "."], stdout=subprocess.PIPE)
+        subprocess.run(["docker", "import", "-c", 'CMD ["/sbin/init"]', "-", BASE_IMAGE],
+                       stdin=tar.stdout, check=True, stdout=subprocess.DEVNULL, timeout=600)
+        if tar.wait(timeout=60) != 0:
+            raise LabError("tar of the debootstrap root failed")
+    log(f"base image ready in {time.monotonic() - started:.0f}s")
+
+
+# --- networks, key, hosts ------------------------------------------------------------------
+
+def ensure_network(name: str, subnet: str) -> None:
+    proc = run(["docker", "network", "inspect", name], check=False)
+    if proc.returncode == 0:
+        found = json.loads(proc.stdout)[0]["IPAM"]["Config"][0]["Subnet"]
+        if found != subnet:
+            raise LabError(f"network {name} exists with subnet {found}, expected {subnet}; run `down` first")
+        return
+    run(["docker", "network", "create", "--driver", "bridge", "--subnet", subnet, "--label", LABEL, name])
+
+
+def ensure_key() -> Path:
+    key = STATE_DIR / "id_ed25519"
+    if not key.exists():
+        STATE_DIR.mkdir(parents=True, exist_ok=True)
+        run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "vllm-fleet-lab", "-f", str(key)])
+    return key
+
+
+def container_state(name: str) -> str | None:
+    proc = run(["docker", "inspect", "-f", "{{.State.Status}}", name], check=False)
+    return proc.stdout.strip() if proc.returncode == 0 else None
+
+
+def create_host(index: int) -> None:
+    name = container_name(index)
+    # Every capability except SYS_RESOURCE (not grantable here, so --privileged fails).
+    run(["docker", "run", "-d", "--name", name, "--hostname", host_name(index), "--label", LABEL,
+         "--cap-add", "ALL", "--cap-drop", "SYS_RESOURCE",
+         "--security-opt", "seccomp=unconfined", "--security-opt", "apparmor=unconfined",
+         "--cgroupns=host", "-v", "/sys/fs/cgroup:/sys/fs/cgroup:rw",
+         "--tmpfs", "/run", "--tmpfs", "/run/lock", "--tmpfs", "/tmp",
+         "-v", f"{name}-docker:/var/lib/docker", "-v", f"{name}-containerd:/var/lib/containerd",
+         "--network", MGMT_NET, "--ip", mgmt_ip(index), BASE_IMAGE])
+    run(["docker", "network", "connect", "--ip", fabric_ip(index), FABRIC_NET, name])
+
+
+def in_host(index: int, script: str, timeout: float = 120) -> str:
+    return run(["docker", "exec", "-i", container_name(index), "bash", "-euo", "pipefail", "-s"],
+               input_text=script, timeout=timeout).stdout
+
+
+def wait_for_systemd(index: int, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    state = ""
+    while time.monotonic() < deadline:
+        state = run(["docker", "exec", container_name(index), "systemctl", "is-system-running"],
+                    check=False, timeout=30).stdout.strip()
+        if state in ("running", "degraded"):
+            return
+        time.sleep(1)
+    raise LabError(f"{host_name(index)}: systemd not up after {timeout:.0f}s (state {state!r})")
+
+
+def configure_host(index: int, pubkey: str, rename_fabric: bool) -> None:
+    """Idempotent: user, key, sshd host keys, fabric NIC name (docker re-creates eth1 on restart)."""
+    fabric = fabric_ip(index)
+    rename = ""
+    if rename_fabric:
+        rename = f"""
+nic=$(ip -o -4 addr show | awk '$4 ~ /^{fabric}\\// {{print $2}}')
+if [ "$nic" != "{RENAMED_FABRIC_NIC}" ]; then
+  ip link set "$nic" down && ip link set "$nic" name {RENAMED_FABRIC_NIC} && ip link set {RENAMED_FABRIC_NIC} up
+fi"""
+    mgmt_gateway = f"{MGMT_PREFIX}1"
+    in_host(index, f"""
+# Docker puts the default route on whichever network sorts first; management must carry it.
+mgmt_nic=$(ip -o -4 addr show | awk '$4 ~ /^{mgmt_ip(index)}\\// {{print $2}}')
+ip route replace default via {mgmt_gateway} dev "$mgmt_nic"
+id {DEPLOY_USER} >/dev/null 2>&1 || useradd -m -s /bin/bash {DEPLOY_USER}
+echo '{DEPLOY_USER} ALL=(ALL) NOPASSWD:ALL' > /etc/sudoers.d/{DEPLOY_USER}
+chmod 0440 /etc/sudoers.d/{DEPLOY_USER}
+install -d -m 0700 -o {DEPLOY_USER} -g {DEPLOY_USER} /home/{DEPLOY_USER}/.ssh
+echo '{pubkey}' > /home/{DEPLOY_USER}/.ssh/authorized_keys
+chown {DEPLOY_USER}: /home/{DEPLOY_USER}/.ssh/authorized_keys
+chmod 0600 /home/{DEPLOY_USER}/.ssh/authorized_keys
+# Hosts made from one image would share host keys: give each its own once.
+if [ ! -e /etc/ssh/.fleetlab-hostkeys ]; then
+  rm -f /etc/ssh/ssh_host_*; ssh-keygen -A >/dev/null; touch /etc/ssh/.fleetlab-hostkeys
+  systemctl restart ssh
+fi
+systemctl enable --now ssh >/dev/null 2>&1
+{rename}
+""")
+
+
+def wait_for_ssh(index: int, key: Path, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if run(ssh_command(index, key, "true"), check=False, timeout=20).returncode == 0:
+            return
+        time.sleep(1)
+    raise LabError(f"{host_name(index)}: no SSH at {mgmt_ip(index)} after {timeout:.0f}s")
+
+
+def ssh_command(index: int, key: Path, *remote: str) -> list[str]:
+    return ["ssh", "-i", str(key), "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
+            "-o", "LogLevel=ERROR", "-o", "ConnectTimeout=5", "-o", "BatchMode=yes",
+            f"{DEPLOY_USER}@{mgmt_ip(index)}", *remote]
+
+
+# --- inventory -----------------------------------------------------------------------------
+
+def inventory_text(count: int, key: Path) -> str:
+    """Same format as inventory.example.ini, for the lab's CPU engine."""
+    def host_line(i: int) -> str:
+        line = f"{host_name(i)} ansible_host={mgmt_ip(i)}"
+        if i == 1:  # the head names its fabric NIC; workers find theirs by route to it
+            line += " fleet_fabric_interface=eth1"
+        # Booleans on host lines: INI [group:vars] values are always strings.
+        return line + " fleet_gpu_less=True"
+
+    workers = "\n".join(host_line(i) for i in range(2, count + 1))
+    return f"""# Written by tests/lab/lab.py for the local lab ({count} container hosts). Do not edit.
+[fleet_head]
+{host_line(1)}
+
+[fleet_workers]
+{workers}
+
+[fleet_serving:children]
+fleet_head
+fleet_workers
+
+[fleet_monitoring]
+{host_name(count)}
+
+[fleet_serving:vars]
+fleet_engine=cpu
+fleet_cpu_workers_per_node=2
+
+[all:vars]
+ansible_user={DEPLOY_USER}
+ansible_ssh_private_key_file={key}
+ansible_ssh_common_args='-o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -o LogLevel=ERROR'
+ansible_python_interpreter=/usr/bin/python3
+fleet_deployment=fleetlab
+fleet_engine=cpu
+fleet_model_path=/var/lib/vllm-fleet/models/tiny-llama
+fleet_model_source={STATE_DIR}/models/tiny-llama
+fleet_served_model_name=tiny-llama
+fleet_tensor_parallel_size=1
+fleet_pipeline_parallel_size=2
+fleet_max_model_len=512
+fleet_api_port=8009
+fleet_image=vllm-fleet-cpu:lab
+"""
+
+
+def lab_host_count() -> int:
+    proc = run(["docker", "ps", "-a", "--filter", f"name=^{PREFIX}-node", "--format", "{{.Names}}"], check=False)
+    return len([n for n in proc.stdout.split() if n.startswith(f"{PREFIX}-node")])
+
+
+# --- commands ------------------------------------------------------------------------------
+
+def cmd_up(args: argparse.Namespace) -> int:
+    started = time.monotonic()
+    count = args.hosts
+    if count < 3:
+        raise LabError("--hosts: the lab needs at least 3 hosts (head, worker, spare/monitoring)")
+    ensure_docker()
+    ensure_base_image()
+    ensure_network(MGMT_NET, MGMT_SUBNET)
+    ensure_network(FABRIC_NET, FABRIC_SUBNET)
+    key = ensure_key()
+    pubkey = Path(f"{key}.pub").read_text().strip()
+    for i in range(1, count + 1):
+        state = container_state(container_name(i))
+        if state is None:
+            log(f"creating {host_name(i)} (mgmt {mgmt_ip(i)}, fabric {fabric_ip(i)})")
+            create_host(i)
+        elif state != "running":
+            log(f"starting {host_name(i)} (was {state})")
+            run(["docker", "start", container_name(i)])
+    for i in range(1, count + 1):
+        wait_for_systemd(i)
+        configure_host(i, pubkey, rename_fabric=(i == count))
+        wait_for_ssh(i, key)
+    inventory = STATE_DIR / "inventory.ini"
+    inventory.write_text(inventory_text(count, key))
+    log(f"{count} hosts up; inventory: {inventory}")
+    log(f"lab up in {time.monotonic() - started:.1f}s")
+    return 0
+
+
+def cmd_down(args: argparse.Namespace) -> int:
+    if not docker_ready():
+        log("no Docker engine: nothing to remove")
+        return 0
+    names = run(["docker", "ps", "-aq", "--filter", f"name=^{PREFIX}-node"]).stdout.split()
+    if names:
+        run(["docker", "rm", "-f", "-v", *names], timeout=300)
+    volumes = [v for v in run(["docker", "volume", "ls", "-q"]).stdout.split() if v.startswith(f"{PREFIX}-node")]
+    if volumes:
+        run(["docker", "volume", "rm", "-f", *volumes], timeout=300)
+    for net in (MGMT_NET, FABRIC_NET):
+        run(["docker", "network", "rm", net], check=False)
+    if args.purge and image_exists(BASE_IMAGE):
+        run(["docker", "image", "rm", BASE_IMAGE], check=False)
+    for name in ("inventory.ini", "id_ed25519", "id_ed25519.pub"):
+        (STATE_DIR / name).unlink(missing_ok=True)
+    log(f"removed {len(names)} hosts, {len(volumes)} volumes and the lab networks")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    if not docker_ready():
+        log("no Docker engine running")
+        return 1
+    count = lab_host_count()
+    if count == 0:
+        log("no lab hosts (run `up`)")
+        return 1
+    key = STATE_DIR / "id_ed25519"
+    healthy = True
+    print(f"{'host':<8} {'state':<10} {'mgmt':<15} {'fabric':<15} ssh")
+    for i in range(1, count + 1):
+        state = container_state(container_name(i)) or "missing"
+        ssh_ok = state == "running" and key.exists() and \
+            run(ssh_command(i, key, "true"), check=False, timeout=20).returncode == 0
+        healthy &= ssh_ok
+        print(f"{host_name(i):<8} {state:<10} {mgmt_ip(i):<15} {fabric_ip(i):<15} {'ok' if ssh_ok else 'FAIL'}")
+    return 0 if healthy else 1
+
+
+def cmd_ssh(args: argparse.Namespace) -> int:
+    count = lab_host_count()
+    names = {host_name(i): i for i in range(1, count + 1)}
+    if args.host not in names:
+        raise LabError(f"unknown lab host {args.host!r}; lab hosts: {', '.join(names) or 'none'}")
+    cmd = ssh_command(names[args.host], STATE_DIR / "id_ed25519", *args.command)
+    if args.command:
+        return subprocess.run(cmd, check=False).returncode
+    os.execvp(cmd[0], ["ssh", "-t", *cmd[1:]])
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    up = sub.add_parser("up", help="create or repair the lab")
+    up.add_argument("--hosts", type=int, default=int(os.environ.get("FLEETLAB_HOSTS", DEFAULT_HOSTS)))
+    up.set_defaults(func=cmd_up)
+    down = sub.add_parser("down", help="remove everything the lab made")
+    down.add_argument("--purge", action="store_true", help="also remove the cached base image")
+    down.set_defaults(func=cmd_down)
+    sub.add_parser("status", help="show hosts and SSH reachability").set_defaults(func=cmd_status)
+    ssh = sub.add_parser("ssh", help="SSH into a lab host")
+    ssh.add_argument("host")
+    ssh.add_argument("command", nargs=argparse.REMAINDER)
+    ssh.set_defaults(func=cmd_ssh)
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except LabError as exc:
+        print(f"[lab] ERROR: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
