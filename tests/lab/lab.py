@@ -259,6 +259,8 @@ fleet_workers
 [fleet_monitoring]
 {host_name(count)}
 
+[fleet_loadbalancer]
+
 [fleet_serving:vars]
 fleet_engine=cpu
 fleet_cpu_workers_per_node=2

@@ -114,6 +114,12 @@ def _coerce(value: Any, typ: str) -> tuple[bool, Any, str]:
     return True, value, ""
 
 
+def setting_prefixes(specs: Mapping[str, dict]) -> list[str]:
+    """fleet_ (shared settings) and <role>_ (one role's own), longest first."""
+    roles = {spec["role"] for spec in specs.values() if spec.get("role")}
+    return sorted({"fleet_"} | {f"{role}_" for role in roles}, key=len, reverse=True)
+
+
 def _suggest(name: str, known: Iterable[str]) -> str:
     close = difflib.get_close_matches(name, list(known), n=1, cutoff=0.75)
     return f"; did you mean {close[0]}?" if close else ""
@@ -128,6 +134,8 @@ class Checker:
         self.defaults = defaults
         self.problems: list[Problem] = []
         self.values: dict[str, dict[str, Any]] = {}
+        # Settings are named fleet_* (shared) or <role>_* (one role's own): both are checked.
+        self.prefixes = setting_prefixes(specs)
 
     def add(self, host: str, variable: str, value: Any, message: str) -> None:
         self.problems.append(Problem(host, variable, value, message))
@@ -136,10 +144,11 @@ class Checker:
     def typed_values(self, host: str) -> dict[str, Any]:
         merged = dict(self.defaults)
         for name, value in self.raw[host].items():
-            if not name.startswith("fleet_"):
+            prefix = next((p for p in self.prefixes if name.startswith(p)), None)
+            if prefix is None:
                 continue
             if name not in self.specs:
-                self.add(host, name, value, "unknown fleet_* variable" + _suggest(name, self.specs))
+                self.add(host, name, value, f"unknown {prefix}* variable" + _suggest(name, self.specs))
                 continue
             spec = self.specs[name]
             ok, coerced, reason = _coerce(value, spec.get("type", "str"))
@@ -336,10 +345,11 @@ class ActionModule(ActionBase):
         specs, defaults = load_specs(roles_path)
         groups = {k: list(v) for k, v in task_vars.get("groups", {}).items()}
         hostvars = task_vars.get("hostvars", {})
+        prefixes = tuple(setting_prefixes(specs))
         hosts = {}
         for host in groups.get("all", []):
             hv = hostvars[host]
-            names = [n for n in hv.keys() if n.startswith("fleet_") or n in
+            names = [n for n in hv.keys() if n.startswith(prefixes) or n in
                      ("ansible_host", "ansible_port", "ansible_connection")]
             hosts[host] = {n: self._templar.template(hv[n]) for n in names}
         problems = validate(hosts, groups, specs, defaults)
@@ -348,4 +358,4 @@ class ActionModule(ActionBase):
         serving = [h for h in groups.get(HEAD_GROUP, []) + groups.get(WORKER_GROUP, [])]
         return dict(result, changed=False,
                     msg=f"inventory valid: {len(hosts)} host(s), {len(set(serving))} serving, "
-                        f"{len(specs)} known fleet_* settings")
+                        f"{len(specs)} known settings")
