@@ -1,0 +1,547 @@
+"""Fabric settings of one node: the interface that carries NCCL/Gloo/Ray traffic and the
+InfiniBand/RoCE HCAs NCCL may use, computed on the node itself.
+
+Pure, stdlib-only, Python >= 3.9. The same file is used by
+
+* the ``fabric`` Ansible role, through the symlink
+  ``ansible/plugins/module_utils/fleet_fabric_env.py`` (module ``fleet_fabric_facts``), and
+* the serving image's entrypoints (``vllm_fleet.fabric_env``), which read the env file the role
+  wrote or recompute the settings when it is absent.
+
+Rules (docs/design.md, roles/fabric/README.md):
+
+* Head: its fabric address is the IPv4 address of ``fleet_fabric_interface``; when that is empty
+  the head must have exactly one non-virtual interface with a global IPv4 address that does not
+  carry a default route, otherwise the head fails and asks for ``fleet_fabric_interface``.
+* Worker: the interface is the one the kernel routes the head's fabric address through
+  (``ip route get``), i.e. chosen by route, never by name. The route must be directly connected
+  (no gateway) unless ``fabric_allow_routed``; a route through the management default
+  gateway always fails. ``fleet_fabric_interface`` overrides the choice (a warning is recorded
+  when it disagrees with the route).
+* HCAs: ports in state ACTIVE under ``/sys/class/infiniband``. RoCE ports get the GID index of
+  their RoCE v2 IPv4-mapped GID. ``fleet_nccl_ib=off`` disables IB, ``on`` requires it,
+  ``auto`` uses it when present and the head uses it too. ``fleet_nccl_ib_hca`` wins over
+  detection.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import re
+import subprocess
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+__all__ = [
+    "FabricError", "parse_route_get", "parse_addr_show", "parse_default_routes",
+    "read_infiniband", "select_gid_index", "compute_head", "compute_worker", "compute_ib",
+    "render_env_file", "render_nccl_conf", "render_json", "summary_line", "collect",
+    "subprocess_runner", "detect", "load_env_file", "ENV_KEYS",
+]
+
+#: Keys written to /etc/vllm-fleet/fabric.env, in this order when present.
+ENV_KEYS = (
+    "NCCL_SOCKET_IFNAME", "GLOO_SOCKET_IFNAME", "VLLM_HOST_IP", "FLEET_RAY_NODE_IP",
+    "NCCL_IB_DISABLE", "NCCL_IB_HCA", "NCCL_IB_GID_INDEX", "NCCL_IB_ROCE_VERSION_NUM",
+)
+
+#: Interface name prefixes that are never a fabric (container bridges, tunnels, overlays).
+VIRTUAL_PREFIXES = (
+    "docker", "br-", "veth", "virbr", "cni", "flannel", "cali", "vxlan", "tun", "tap", "wg",
+    "tailscale", "kube", "weave", "podman", "lxc", "vnet", "cilium", "genev", "zt",
+)
+
+ZERO_GID = "0000:0000:0000:0000:0000:0000:0000:0000"
+IPV4_MAPPED_PREFIX = "0000:0000:0000:0000:0000:ffff:"
+
+Runner = Callable[[List[str]], Tuple[int, str, str]]
+
+
+class FabricError(Exception):
+    """A fabric setting that cannot work. The message names the host and the variable."""
+
+
+# --- parsing `ip` output ---------------------------------------------------------------------
+
+def parse_route_get(text: str) -> Dict[str, Optional[str]]:
+    """Parse `ip route get ADDR` (text form) into type, dst, gateway, dev, src."""
+    tokens = text.split()
+    route: Dict[str, Optional[str]] = {"type": "unicast", "dst": None, "gateway": None,
+                                       "dev": None, "src": None}
+    if not tokens:
+        return route
+    i = 0
+    if tokens[0] in ("local", "broadcast", "unreachable", "prohibit", "blackhole", "multicast"):
+        route["type"] = tokens[0]
+        i = 1
+    if i < len(tokens):
+        route["dst"] = tokens[i]
+    keys = {"via": "gateway", "dev": "dev", "src": "src"}
+    while i < len(tokens) - 1:
+        key = keys.get(tokens[i])
+        if key and route[key] is None:
+            route[key] = tokens[i + 1]
+            i += 2
+            continue
+        i += 1
+    return route
+
+
+def parse_addr_show(text: str) -> Dict[str, List[str]]:
+    """Parse `ip -o -4 addr show` into {ifname: ["a.b.c.d/nn", ...]}, global scope only."""
+    result: Dict[str, List[str]] = {}
+    for line in text.splitlines():
+        fields = line.split()
+        if len(fields) < 4 or fields[2] != "inet":
+            continue
+        name = fields[1].split("@", 1)[0]
+        scope = fields[fields.index("scope") + 1] if "scope" in fields[:-1] else "global"
+        if scope != "global":
+            continue
+        result.setdefault(name, []).append(fields[3])
+    return result
+
+
+def parse_default_routes(text: str) -> List[Dict[str, Optional[str]]]:
+    """Parse `ip -4 route show default` into [{"gateway", "dev"}]."""
+    routes = []
+    for line in text.splitlines():
+        fields = line.split()
+        if not fields or fields[0] != "default":
+            continue
+        route: Dict[str, Optional[str]] = {"gateway": None, "dev": None}
+        for key, name in (("via", "gateway"), ("dev", "dev")):
+            if key in fields[:-1]:
+                route[name] = fields[fields.index(key) + 1]
+        routes.append(route)
+    return routes
+
+
+# --- /sys/class/infiniband ---------------------------------------------------------------------
+
+def _read(path: str) -> Optional[str]:
+    try:
+        with open(path, encoding="ascii", errors="replace") as handle:
+            return handle.read().strip()
+    except OSError:  # missing file, or EINVAL reading gid_attrs of an empty GID
+        return None
+
+
+def _numeric_names(path: str) -> List[int]:
+    try:
+        return sorted(int(n) for n in os.listdir(path) if n.isdigit())
+    except OSError:
+        return []
+
+
+def read_infiniband(sysfs_root: str = "/sys") -> List[Dict[str, Any]]:
+    """Every HCA under <sysfs_root>/class/infiniband with its ports, states, link layers and
+    non-zero GIDs (index, gid, type, ndev)."""
+    base = os.path.join(sysfs_root, "class", "infiniband")
+    try:
+        names = sorted(os.listdir(base))
+    except OSError:
+        return []
+    hcas = []
+    for name in names:
+        ports = []
+        ports_dir = os.path.join(base, name, "ports")
+        for number in _numeric_names(ports_dir):
+            pdir = os.path.join(ports_dir, str(number))
+            state_raw = _read(os.path.join(pdir, "state")) or ""
+            state = state_raw.split(":", 1)[-1].strip().upper() if state_raw else "UNKNOWN"
+            gids = []
+            for index in _numeric_names(os.path.join(pdir, "gids")):
+                gid = (_read(os.path.join(pdir, "gids", str(index))) or "").lower()
+                if not gid or gid == ZERO_GID:
+                    continue
+                gids.append({
+                    "index": index,
+                    "gid": gid,
+                    "type": _read(os.path.join(pdir, "gid_attrs", "types", str(index))),
+                    "ndev": _read(os.path.join(pdir, "gid_attrs", "ndevs", str(index))),
+                })
+            ports.append({
+                "port": number,
+                "state": state,
+                "phys_state": (_read(os.path.join(pdir, "phys_state")) or "").split(":", 1)[-1].strip(),
+                "link_layer": _read(os.path.join(pdir, "link_layer")) or "InfiniBand",
+                "gids": gids,
+            })
+        hcas.append({"name": name, "ports": ports})
+    return hcas
+
+
+def _gid_ipv4(gid: str) -> Optional[str]:
+    if not gid.startswith(IPV4_MAPPED_PREFIX):
+        return None
+    tail = gid[len(IPV4_MAPPED_PREFIX):].replace(":", "")
+    try:
+        return str(ipaddress.IPv4Address(int(tail, 16)))
+    except ValueError:
+        return None
+
+
+def select_gid_index(port: Dict[str, Any]) -> Tuple[Optional[int], str]:
+    """GID index NCCL should use on a RoCE port: RoCE v2 with an IPv4-mapped GID first, then
+    RoCE v2 with a global IPv6 GID, then RoCE v1 IPv4-mapped. Returns (index, why)."""
+    gids = port.get("gids") or []
+
+    def kind(entry: Dict[str, Any]) -> str:
+        return (entry.get("type") or "").lower()
+
+    v2 = [g for g in gids if "v2" in kind(g)]
+    for g in v2:
+        if _gid_ipv4(g["gid"]):
+            return g["index"], "RoCE v2 IPv4 GID %s (%s)" % (g["index"], _gid_ipv4(g["gid"]))
+    for g in v2:
+        if not g["gid"].startswith("fe80"):
+            return g["index"], "RoCE v2 IPv6 GID %s" % g["index"]
+    for g in gids:
+        if _gid_ipv4(g["gid"]):
+            return g["index"], "RoCE v1 IPv4 GID %s (no RoCE v2 GID)" % g["index"]
+    return None, "no usable RoCE GID (no IPv4/IPv6 address on the HCA's netdev?)"
+
+
+# --- the decisions -----------------------------------------------------------------------------
+
+def _is_virtual(name: str) -> bool:
+    return name == "lo" or name.startswith(VIRTUAL_PREFIXES)
+
+
+def _first_ipv4(addresses: Dict[str, List[str]], ifname: str,
+                near: Optional[str] = None) -> Optional[str]:
+    cidrs = addresses.get(ifname) or []
+    if near:
+        for cidr in cidrs:
+            try:
+                if ipaddress.IPv4Address(near) in ipaddress.IPv4Interface(cidr).network:
+                    return cidr.split("/", 1)[0]
+            except ValueError:
+                continue
+    return cidrs[0].split("/", 1)[0] if cidrs else None
+
+
+def compute_head(*, host: str, addresses: Dict[str, List[str]],
+                 default_routes: List[Dict[str, Optional[str]]],
+                 interface: str = "") -> Dict[str, Any]:
+    """The head's fabric interface and address (see module docstring)."""
+    reasons = []
+    if interface:
+        if interface not in addresses:
+            raise FabricError(
+                "host %s: fleet_fabric_interface=%r has no global IPv4 address on this host "
+                "(interfaces with one: %s)" % (host, interface, ", ".join(sorted(addresses)) or "none"))
+        reasons.append("interface %s from fleet_fabric_interface" % interface)
+    else:
+        default_devs = {r["dev"] for r in default_routes if r.get("dev")}
+        candidates = sorted(n for n in addresses if not _is_virtual(n) and n not in default_devs)
+        if len(candidates) != 1:
+            raise FabricError(
+                "host %s (head): cannot tell the fabric interface: %s non-default-route interfaces "
+                "with an IPv4 address (%s; default route via %s); set fleet_fabric_interface for "
+                "this host" % (host, len(candidates), ", ".join(candidates) or "none",
+                               ", ".join(sorted(default_devs)) or "none"))
+        interface = candidates[0]
+        reasons.append("interface %s: the head's only non-default-route interface" % interface)
+    address = _first_ipv4(addresses, interface)
+    return {"role": "head", "host": host, "interface": interface, "address": address,
+            "head_address": address, "route": None, "reasons": reasons, "warnings": []}
+
+
+def compute_worker(*, host: str, head_host: str, head_address: str,
+                   route: Optional[Dict[str, Optional[str]]], route_error: str = "",
+                   addresses: Dict[str, List[str]],
+                   default_routes: List[Dict[str, Optional[str]]],
+                   interface: str = "", allow_routed: bool = False) -> Dict[str, Any]:
+    """A worker's fabric interface: the one routing to the head's fabric address."""
+    reasons: List[str] = []
+    warnings: List[str] = []
+    if not head_address:
+        raise FabricError("host %s: the fabric address of its head %s is unknown (did the head "
+                          "fail the fabric stage?)" % (host, head_host))
+    if route is None or not route.get("dev") or route.get("type") in (
+            "unreachable", "prohibit", "blackhole"):
+        raise FabricError("host %s: no route to head %s's fabric address %s (%s)"
+                          % (host, head_host, head_address, (route_error or "unreachable").strip()))
+    if route.get("type") == "local":
+        raise FabricError("host %s: head %s's fabric address %s is an address of this host itself"
+                          % (host, head_host, head_address))
+    gateway = route.get("gateway")
+    if gateway:
+        via_default = any(r.get("gateway") == gateway and r.get("dev") == route["dev"]
+                          for r in default_routes)
+        problem = None
+        if via_default:
+            problem = ("the route to head %s's fabric address %s goes via the default gateway %s on "
+                       "%s instead of a directly connected fabric interface"
+                       % (head_host, head_address, gateway, route["dev"]))
+        elif not allow_routed:
+            problem = ("the route to head %s's fabric address %s goes via gateway %s on %s, not a "
+                       "directly connected interface (set fabric_allow_routed=true for a "
+                       "routed fabric)" % (head_host, head_address, gateway, route["dev"]))
+        if problem and not interface:
+            raise FabricError("host %s: %s; fix the fabric network or set fleet_fabric_interface"
+                              % (host, problem))
+        if problem:
+            warnings.append(problem)
+    routed_dev = route["dev"]
+    if interface:
+        if interface not in addresses:
+            raise FabricError(
+                "host %s: fleet_fabric_interface=%r has no global IPv4 address on this host "
+                "(interfaces with one: %s)" % (host, interface, ", ".join(sorted(addresses)) or "none"))
+        if interface != routed_dev:
+            warnings.append("fleet_fabric_interface=%s overrides %s, the interface routing to head "
+                            "%s (%s)" % (interface, routed_dev, head_host, head_address))
+        reasons.append("interface %s from fleet_fabric_interface" % interface)
+        address = _first_ipv4(addresses, interface, near=head_address)
+    else:
+        interface = routed_dev
+        address = route.get("src") or _first_ipv4(addresses, interface, near=head_address)
+        reasons.append("interface %s carries the route to head %s (%s)%s"
+                       % (interface, head_host, head_address,
+                          " via %s" % gateway if gateway else ", directly connected"))
+    if not address:
+        raise FabricError("host %s: fabric interface %s has no IPv4 address" % (host, interface))
+    return {"role": "worker", "host": host, "interface": interface, "address": address,
+            "head_address": head_address, "head_host": head_host,
+            "route": {k: route.get(k) for k in ("dev", "src", "gateway")},
+            "reasons": reasons, "warnings": warnings}
+
+
+def compute_ib(*, host: str, hcas: List[Dict[str, Any]], nccl_ib: str = "auto",
+               ib_hca: str = "", head: Optional[Dict[str, Any]] = None,
+               head_host: str = "") -> Dict[str, Any]:
+    """NCCL_IB_* for this node. ``head`` is the head's result (None on the head itself)."""
+    if nccl_ib not in ("auto", "on", "off"):
+        raise FabricError("host %s: fleet_nccl_ib=%r: use auto, on or off" % (host, nccl_ib))
+    env: Dict[str, str] = {}
+    reasons: List[str] = []
+    warnings: List[str] = []
+    active = [(h, p) for h in hcas for p in h["ports"] if p["state"] == "ACTIVE"]
+    inactive = ["%s port %s %s" % (h["name"], p["port"], p["state"]) for h in hcas
+                for p in h["ports"] if p["state"] != "ACTIVE"]
+    head_ib = None
+    if head is not None:
+        head_ib = (head.get("env") or {}).get("NCCL_IB_DISABLE") == "0"
+
+    use_ib = False
+    if nccl_ib == "off":
+        reasons.append("IB disabled by fleet_nccl_ib=off")
+    elif ib_hca:
+        use_ib = True
+        reasons.append("HCAs from fleet_nccl_ib_hca=%s" % ib_hca)
+    elif active:
+        use_ib = True
+    elif nccl_ib == "on":
+        raise FabricError("host %s: fleet_nccl_ib=on but no ACTIVE InfiniBand/RoCE port in "
+                          "/sys/class/infiniband (%s)" % (host, ", ".join(inactive) or "no HCA"))
+    else:
+        reasons.append("no ACTIVE HCA port (%s): NCCL uses sockets"
+                       % (", ".join(inactive) or "no /sys/class/infiniband devices"))
+
+    if head is not None:
+        if head_ib and not use_ib:
+            if nccl_ib == "off":
+                raise FabricError("host %s: fleet_nccl_ib=off but its head %s uses InfiniBand/RoCE; "
+                                  "set fleet_nccl_ib=off for the whole replica or enable IB here"
+                                  % (host, head_host))
+            raise FabricError("host %s: its head %s uses InfiniBand/RoCE but this host has no ACTIVE "
+                              "HCA port (%s); fix the HCA or set fleet_nccl_ib=off for the whole "
+                              "replica" % (host, head_host, ", ".join(inactive) or "no HCA"))
+        if use_ib and head_ib is False:
+            if nccl_ib == "on" or ib_hca:
+                raise FabricError("host %s: fleet_nccl_ib=%s%s requires InfiniBand/RoCE but its "
+                                  "head %s does not use it"
+                                  % (host, nccl_ib, " with fleet_nccl_ib_hca" if ib_hca else "",
+                                     head_host))
+            use_ib = False
+            reasons.append("ACTIVE HCAs ignored: head %s does not use InfiniBand/RoCE" % head_host)
+
+    if not use_ib:
+        env["NCCL_IB_DISABLE"] = "1"
+        return {"env": env, "reasons": reasons, "warnings": warnings, "hcas": hcas, "ib_ports": []}
+
+    env["NCCL_IB_DISABLE"] = "0"
+    if ib_hca:
+        env["NCCL_IB_HCA"] = ib_hca
+        wanted = {part.split(":", 1)[0].lstrip("=^") for part in ib_hca.split(",") if part}
+        known = {h["name"] for h in hcas}
+        if not ib_hca.startswith("^") and wanted - known:
+            warnings.append("fleet_nccl_ib_hca names HCAs not found on this host: %s"
+                            % ", ".join(sorted(wanted - known)))
+        ports = [(h, p) for h, p in active if h["name"] in wanted] if not ib_hca.startswith("^") else active
+    else:
+        ports = active
+        env["NCCL_IB_HCA"] = "=" + ",".join("%s:%s" % (h["name"], p["port"]) for h, p in ports)
+        reasons.append("ACTIVE HCA ports: %s" % ", ".join(
+            "%s:%s (%s)" % (h["name"], p["port"], p["link_layer"]) for h, p in ports))
+    if inactive:
+        reasons.append("not used: %s" % ", ".join(inactive))
+
+    layers = sorted({p["link_layer"] for _, p in ports})
+    if len(layers) > 1:
+        warnings.append("HCA ports mix link layers %s" % ", ".join(layers))
+    roce = [(h, p) for h, p in ports if p["link_layer"].lower() == "ethernet"]
+    indices = {}
+    for h, p in roce:
+        index, why = select_gid_index(p)
+        if index is None:
+            raise FabricError("host %s: RoCE port %s:%s has %s" % (host, h["name"], p["port"], why))
+        indices["%s:%s" % (h["name"], p["port"])] = index
+        reasons.append("%s:%s %s" % (h["name"], p["port"], why))
+    if indices:
+        values = sorted(set(indices.values()))
+        if len(values) == 1:
+            env["NCCL_IB_GID_INDEX"] = str(values[0])
+        else:
+            env["NCCL_IB_ROCE_VERSION_NUM"] = "2"
+            warnings.append("RoCE GID indices differ between ports (%s): NCCL_IB_GID_INDEX left unset, "
+                            "NCCL picks the RoCE v2 GID per port" % ", ".join(
+                                "%s=%s" % kv for kv in sorted(indices.items())))
+    if head is not None and head_ib:
+        head_layers = sorted(set((head.get("ib") or {}).get("link_layers") or []))
+        if head_layers and layers and head_layers != layers:
+            warnings.append("link layers differ from head %s (%s here, %s there)"
+                            % (head_host, ", ".join(layers), ", ".join(head_layers)))
+    return {"env": env, "reasons": reasons, "warnings": warnings, "hcas": hcas,
+            "ib_ports": ["%s:%s" % (h["name"], p["port"]) for h, p in ports],
+            "link_layers": layers}
+
+
+def build_result(node: Dict[str, Any], ib: Dict[str, Any]) -> Dict[str, Any]:
+    """Merge the interface and IB decisions into the fabric result (fabric.json's content)."""
+    iface = node["interface"]
+    env = {
+        "NCCL_SOCKET_IFNAME": "=" + iface,  # '=' makes NCCL match the name exactly (eth1 != eth10)
+        "GLOO_SOCKET_IFNAME": iface,
+        "VLLM_HOST_IP": node["address"],
+        "FLEET_RAY_NODE_IP": node["address"],
+    }
+    env.update(ib["env"])
+    ordered = {k: env[k] for k in ENV_KEYS if k in env}
+    return {
+        "host": node["host"],
+        "role": node["role"],
+        "interface": iface,
+        "address": node["address"],
+        "head_address": node["head_address"],
+        "head_host": node.get("head_host", node["host"]),
+        "route": node.get("route"),
+        "env": ordered,
+        "ib": {"ports": ib["ib_ports"], "link_layers": ib.get("link_layers", []),
+               "hcas": ib["hcas"]},
+        "reasons": node["reasons"] + ib["reasons"],
+        "warnings": node["warnings"] + ib["warnings"],
+    }
+
+
+# --- rendering ---------------------------------------------------------------------------------
+
+def render_env_file(result: Dict[str, Any]) -> str:
+    """docker --env-file format (KEY=VALUE, no quotes)."""
+    lines = ["# Written by vllm-fleet's fabric role for %s; do not edit (rerun the fabric stage)."
+             % result["host"]]
+    lines += ["%s=%s" % (k, v) for k, v in result["env"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def render_nccl_conf(result: Dict[str, Any]) -> str:
+    lines = ["# Written by vllm-fleet's fabric role for %s; do not edit." % result["host"]]
+    lines += ["%s=%s" % (k, v) for k, v in result["env"].items() if k.startswith("NCCL_")]
+    return "\n".join(lines) + "\n"
+
+
+def render_json(result: Dict[str, Any]) -> str:
+    return json.dumps(result, indent=2, sort_keys=True) + "\n"
+
+
+def summary_line(result: Dict[str, Any]) -> str:
+    env = result["env"]
+    ib = "off" if env.get("NCCL_IB_DISABLE") == "1" else "%s%s" % (
+        env.get("NCCL_IB_HCA", ""),
+        " gid=%s" % env["NCCL_IB_GID_INDEX"] if "NCCL_IB_GID_INDEX" in env else "")
+    text = "%s (%s): %s %s -> head %s; IB %s" % (
+        result["host"], result["role"], result["interface"], result["address"],
+        result["head_address"], ib)
+    if result["warnings"]:
+        text += "; WARNING: " + "; ".join(result["warnings"])
+    return text
+
+
+# --- collecting on the host --------------------------------------------------------------------
+
+def subprocess_runner(argv: List[str]) -> Tuple[int, str, str]:
+    try:
+        proc = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              universal_newlines=True, timeout=30, check=False)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return 127, "", str(exc)
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+def collect(runner: Runner, *, ip: str = "ip", head_address: str = "",
+            sysfs_root: str = "/sys") -> Dict[str, Any]:
+    """Everything the decisions need, read on this host."""
+    rc, out, err = runner([ip, "-o", "-4", "addr", "show"])
+    if rc != 0:
+        raise FabricError("`%s -o -4 addr show` failed: %s" % (ip, (err or out).strip()))
+    addresses = parse_addr_show(out)
+    rc, out, err = runner([ip, "-4", "route", "show", "default"])
+    default_routes = parse_default_routes(out) if rc == 0 else []
+    facts: Dict[str, Any] = {"addresses": addresses, "default_routes": default_routes,
+                             "hcas": read_infiniband(sysfs_root), "route": None, "route_error": ""}
+    if head_address:
+        ipaddress.IPv4Address(head_address)  # ValueError for garbage, never passed to `ip`
+        rc, out, err = runner([ip, "route", "get", head_address])
+        if rc == 0:
+            facts["route"] = parse_route_get(out.splitlines()[0] if out else "")
+        else:
+            facts["route_error"] = (err or out).strip()
+    return facts
+
+
+def detect(*, host: str, role: str, head_address: str = "", head_host: str = "",
+           head: Optional[Dict[str, Any]] = None, interface: str = "", nccl_ib: str = "auto",
+           ib_hca: str = "", allow_routed: bool = False, sysfs_root: str = "/sys",
+           ip: str = "ip", runner: Runner = subprocess_runner) -> Dict[str, Any]:
+    """Collect and decide: the fabric result of this host (raises FabricError)."""
+    if role not in ("head", "worker"):
+        raise FabricError("host %s: role must be head or worker, not %r" % (host, role))
+    try:
+        facts = collect(runner, ip=ip, head_address=head_address if role == "worker" else "",
+                        sysfs_root=sysfs_root)
+    except ValueError:
+        raise FabricError("host %s: head %s's fabric address %r is not an IPv4 address"
+                          % (host, head_host, head_address))
+    if role == "head":
+        node = compute_head(host=host, addresses=facts["addresses"],
+                            default_routes=facts["default_routes"], interface=interface)
+        ib = compute_ib(host=host, hcas=facts["hcas"], nccl_ib=nccl_ib, ib_hca=ib_hca)
+    else:
+        node = compute_worker(host=host, head_host=head_host, head_address=head_address,
+                              route=facts["route"], route_error=facts["route_error"],
+                              addresses=facts["addresses"], default_routes=facts["default_routes"],
+                              interface=interface, allow_routed=allow_routed)
+        ib = compute_ib(host=host, hcas=facts["hcas"], nccl_ib=nccl_ib, ib_hca=ib_hca,
+                        head=head, head_host=head_host)
+    return build_result(node, ib)
+
+
+def load_env_file(path: str = "/etc/vllm-fleet/fabric.env") -> Dict[str, str]:
+    """Read fabric.env (KEY=VALUE lines; '#' comments). Missing file: {}."""
+    env: Dict[str, str] = {}
+    try:
+        with open(path, encoding="utf-8") as handle:
+            for line in handle:
+                line = line.strip()
+                if not line or line.startswith("#") or "=" not in line:
+                    continue
+                key, value = line.split("=", 1)
+                if re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", key):
+                    env[key] = value
+    except OSError:
+        return {}
+    return env
