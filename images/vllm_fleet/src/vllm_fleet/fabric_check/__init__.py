@@ -1,0 +1,1 @@
+"""Fabric check: the RFC's Launcher / Coordinator / Communicator, made real (docs/plugin.md)."""

@@ -1,0 +1,103 @@
+"""``fleet-fabric-check``: all-reduce correctness, latency and bus bandwidth across nodes.
+
+    fleet-fabric-check --nnodes 3 --node-rank R --master-addr A --nproc-per-node 1 \\
+        --launch-id X --ifname eth1 [--max-size 1G] [--timeout 60] [--json-out F]
+
+Run the same command on every node (only --node-rank differs). Exit codes: 0 ok, 1 wrong result
+or a slow/broken pair, 124 timeout (the message names the node and interface).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from .coordinator import fabric_port
+from .launcher import default_sizes, launch_local
+
+UNITS = {"": 1, "B": 1, "K": 1 << 10, "KIB": 1 << 10, "M": 1 << 20, "MIB": 1 << 20,
+         "G": 1 << 30, "GIB": 1 << 30}
+
+
+def parse_size(text: str) -> int:
+    t = text.strip().upper()
+    num = t.rstrip("KMGIB")
+    return int(float(num) * UNITS[t[len(num):]])
+
+
+def human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def render_table(report: dict) -> str:
+    lines = [f"fabric check {report['launch_id']}: backend {report['backend']}, "
+             f"{report['world_size']} ranks",
+             f"{'size':>10} {'latency_us':>12} {'algbw_GB/s':>11} {'busbw_GB/s':>11} correct"]
+    for r in report["results"]:
+        lines.append(f"{human(r['size_bytes']):>10} {r['latency_s'] * 1e6:12.1f} "
+                     f"{r['algbw_Bps'] / 1e9:11.3f} {r['busbw_Bps'] / 1e9:11.3f} "
+                     f"{'yes' if r['correct'] else 'NO'}")
+    for p in report.get("pairs", []):
+        flag = "BROKEN" if not p["ok"] else ("SLOW" if p["slow"] else "ok")
+        lines.append(f"pair {p['a']}-{p['b']}: {p['latency_s'] * 1e6:.1f} us, busbw "
+                     f"{p['busbw_Bps'] / 1e9:.3f} GB/s {flag}  [{p['hosts'][0]} <-> "
+                     f"{p['hosts'][1]}]")
+    if report.get("suspects"):
+        lines.append("suspect: " + "; ".join(
+            next(p["hosts"][0 if p["a"] == s else 1] for p in report["pairs"]
+                 if s in (p["a"], p["b"])) for s in report["suspects"]))
+    lines.append("RESULT: " + ("OK" if report["ok"] else "FAILED"))
+    return "\n".join(lines)
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="fleet-fabric-check", description=__doc__.split("\n")[0])
+    ap.add_argument("--nnodes", type=int, default=1)
+    ap.add_argument("--node-rank", type=int, default=0)
+    ap.add_argument("--master-addr", default="127.0.0.1")
+    ap.add_argument("--master-port", type=int, default=None,
+                    help="default: derived from the launch id (same on every node)")
+    ap.add_argument("--nproc-per-node", type=int, default=None,
+                    help="default: number of GPUs, or 1 on CPU")
+    ap.add_argument("--launch-id", default=os.environ.get("VLLM_FLEET_LAUNCH_ID"))
+    ap.add_argument("--ifname", default=os.environ.get("GLOO_SOCKET_IFNAME"))
+    ap.add_argument("--backend", choices=("auto", "gloo", "nccl"), default="auto")
+    ap.add_argument("--min-size", default="8")
+    ap.add_argument("--max-size", default=None, help="default 1G on GPU, 16M on CPU")
+    ap.add_argument("--timeout", type=float, default=60.0, help="seconds per step")
+    ap.add_argument("--no-pairs", action="store_true", help="skip the pairwise isolation phase")
+    ap.add_argument("--pair-size", default="1M")
+    ap.add_argument("--json-out", default=None)
+    ap.add_argument("--launcher", choices=("direct",), default="direct")
+    return ap
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    if not args.launch_id:
+        parser().error("--launch-id (or VLLM_FLEET_LAUNCH_ID) is required")
+    try:
+        import torch
+
+        gpus = torch.cuda.device_count() if args.backend != "gloo" else 0
+    except Exception:
+        gpus = 0
+    backend = args.backend if args.backend != "auto" else ("nccl" if gpus else "gloo")
+    nproc = args.nproc_per_node or (gpus if backend == "nccl" else 1)
+    max_size = parse_size(args.max_size) if args.max_size else (1 << 30 if backend == "nccl"
+                                                               else 16 << 20)
+    base = {"launch_id": args.launch_id, "master_addr": args.master_addr,
+            "master_port": args.master_port or fabric_port(args.launch_id), "backend": backend,
+            "sizes": default_sizes(max_size, parse_size(args.min_size)),
+            "timeout_s": args.timeout, "ifname": args.ifname, "pairs": not args.no_pairs,
+            "pair_size": parse_size(args.pair_size), "json_out": args.json_out}
+    return launch_local(base, nproc, args.node_rank, args.nnodes)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,381 @@
+"""vLLM general plugin (entry point ``vllm.general_plugins: fleet``).
+
+vLLM calls ``register()`` in every process it starts (API server, engine core, each worker,
+Ray workers included), sometimes more than once. So ``register`` is idempotent, cheap, stdlib-only
+and touches neither torch nor CUDA; the work that needs a GPU happens in hooks that only run in the
+worker processes, which own their GPU.
+
+Hook points (patched when their module is imported, or at once if it already is):
+  * ``vllm.distributed.parallel_state.GroupCoordinator.__init__`` -- first call in a process
+    marks it as a worker: P2P gate applied before the communicators exist, watchdog started
+    after the world group exists;
+  * ``GroupCoordinator._all_reduce_out_place`` -- every all-reduce, both the direct path and the
+    ``torch.ops.vllm.all_reduce`` custom-op path go through it: watchdog + eager sampling;
+  * ``GroupCoordinator.all_gather / reduce_scatter / broadcast / barrier`` -- watchdog only;
+  * model runner ``__init__`` (``vllm.v1.worker.gpu_model_runner.GPUModelRunner``, which the CPU
+    runner subclasses, and the V2 runner ``vllm.v1.worker.gpu.model_runner.GPUModelRunner``) --
+    wraps the instance's ``execute_model`` (called once per step on every rank, also by the Ray
+    DAG path) to run the probe at the agreed cadence.
+A hook point missing in a vLLM version is logged once as inactive; every hook body is wrapped so
+that a failure in it is logged and the original vLLM call still runs.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.abc
+import importlib.util
+import logging
+import os
+import sys
+import threading
+
+logger = logging.getLogger("vllm_fleet")
+
+_registered = False
+_lock = threading.RLock()
+_logged_once: set[str] = set()
+_worker_ready = False
+_gate_decision = None
+_post_import: dict[str, list] = {}
+ACTIVE: dict[str, str] = {}     # hook name -> where (for the one "hooks active" line and tests)
+
+
+def _setup_logging() -> None:
+    # vLLM configures only the "vllm" logger; ours would print WARNING+ only via lastResort.
+    if logger.handlers:
+        return
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s %(asctime)s [vllm-fleet pid=%(process)d] "
+                                           "%(message)s", "%m-%d %H:%M:%S"))
+    logger.addHandler(handler)
+    logger.setLevel(os.environ.get("VLLM_FLEET_LOG_LEVEL", "INFO").upper())
+    logger.propagate = False
+
+
+def log_once(key: str, msg: str, *args, level=logging.INFO) -> None:
+    if key in _logged_once:
+        return
+    _logged_once.add(key)
+    logger.log(level, msg, *args)
+
+
+def _guard(name: str):
+    """Decorator for hook bodies: any exception is logged once and swallowed."""
+    def deco(fn):
+        @functools.wraps(fn)
+        def inner(*a, **kw):
+            try:
+                return fn(*a, **kw)
+            except Exception:
+                log_once(f"fail:{name}", "vllm-fleet: hook %s failed; serving continues without it",
+                         name, level=logging.WARNING)
+                logger.debug("hook %s failed", name, exc_info=True)
+                return None
+        return inner
+    return deco
+
+
+# ------------------------------------------------------------------ post-import hooks
+
+class _PostImportFinder(importlib.abc.MetaPathFinder):
+    """Runs our patch functions right after a watched module executes."""
+
+    def find_spec(self, fullname, path, target=None):
+        if fullname not in _post_import:
+            return None
+        for finder in sys.meta_path:
+            if finder is self or not hasattr(finder, "find_spec"):
+                continue
+            spec = finder.find_spec(fullname, path, target)
+            if spec is not None and spec.loader is not None:
+                loader = spec.loader
+                if hasattr(loader, "exec_module") and not getattr(loader, "_fleet", False):
+                    orig = loader.exec_module
+
+                    def exec_module(module, _orig=orig, _name=fullname):
+                        _orig(module)
+                        _run_post_import(_name, module)
+
+                    loader.exec_module = exec_module
+                    loader._fleet = True
+                return spec
+        return None
+
+
+def _run_post_import(name: str, module) -> None:
+    for fn in _post_import.get(name, []):
+        _guard(f"patch {name}")(fn)(module)
+
+
+def when_imported(name: str, fn) -> None:
+    _post_import.setdefault(name, []).append(fn)
+    mod = sys.modules.get(name)
+    if mod is not None:
+        _guard(f"patch {name}")(fn)(mod)
+
+
+# ------------------------------------------------------------------ GroupCoordinator hooks
+
+def _patch_parallel_state(ps) -> None:
+    gc = getattr(ps, "GroupCoordinator", None)
+    if gc is None:
+        log_once("no-gc", "vllm-fleet: inactive: gate, watchdog, eager sampling and probe "
+                 "(vllm.distributed.parallel_state.GroupCoordinator not found in this vLLM)",
+                 level=logging.WARNING)
+        return
+    if getattr(gc, "_fleet_patched", False):
+        return
+    gc._fleet_patched = True
+
+    orig_init = gc.__init__
+
+    @functools.wraps(orig_init)
+    def __init__(self, *args, **kwargs):
+        _before_group_init(ps)
+        orig_init(self, *args, **kwargs)
+        _after_group_init(self)
+
+    gc.__init__ = __init__
+    ACTIVE["group_init"] = "GroupCoordinator.__init__"
+
+    from . import probe
+
+    if hasattr(gc, "_all_reduce_out_place"):
+        orig_ar = gc._all_reduce_out_place
+
+        @functools.wraps(orig_ar)
+        def _all_reduce_out_place(self, input_):
+            rec = probe.get() if _worker_ready else None
+            if rec is None:
+                return orig_ar(self, input_)
+            return rec.eager_call(self, orig_ar, input_)
+
+        gc._all_reduce_out_place = _all_reduce_out_place
+        ACTIVE["all_reduce"] = "GroupCoordinator._all_reduce_out_place"
+    else:
+        log_once("no-ar", "vllm-fleet: inactive: eager all-reduce sampling and all-reduce "
+                 "watchdog (GroupCoordinator._all_reduce_out_place not found)",
+                 level=logging.WARNING)
+
+    for op in ("all_gather", "reduce_scatter", "gather", "broadcast", "barrier"):
+        if hasattr(gc, op):
+            setattr(gc, op, _watched(getattr(gc, op), op))
+            ACTIVE[f"watch_{op}"] = f"GroupCoordinator.{op}"
+
+
+def _watched(fn, op: str):
+    from . import probe, watchdog
+
+    @functools.wraps(fn)
+    def inner(self, *args, **kwargs):
+        if not _worker_ready:
+            return fn(self, *args, **kwargs)
+        size = 0
+        if args and hasattr(args[0], "element_size"):
+            size = args[0].numel() * args[0].element_size()
+        wd = watchdog.get()
+        token = wd.begin(probe.group_label(self), op, size)
+        try:
+            return fn(self, *args, **kwargs)
+        finally:
+            wd.end(token)
+
+    return inner
+
+
+@_guard("p2p gate")
+def _apply_gate(ps) -> None:
+    """Worker, before its first communicator exists: decide on custom all-reduce / NCCL P2P."""
+    global _gate_decision
+    from . import p2p_gate
+
+    if _gate_decision is None:
+        # GPU workers share one probe per boot/driver/GPU set (cached); CPU: not_applicable.
+        import fcntl
+
+        os.makedirs(p2p_gate.cache_dir(), exist_ok=True)
+        with open(os.path.join(p2p_gate.cache_dir(), ".lock"), "a+") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            _gate_decision = p2p_gate.evaluate()  # logs the one decision line
+    p2p_gate.apply_to_env(_gate_decision)
+    if _gate_decision.decision == "disabled":
+        # CudaCommunicator reads this module global when it builds the TP communicator; forcing
+        # it (and wrapping the setter) wins over --disable-custom-all-reduce=False.
+        if hasattr(ps, "_ENABLE_CUSTOM_ALL_REDUCE"):
+            ps._ENABLE_CUSTOM_ALL_REDUCE = False
+        else:
+            log_once("no-ca-flag", "vllm-fleet: cannot force custom all-reduce off: "
+                     "parallel_state._ENABLE_CUSTOM_ALL_REDUCE not found", level=logging.WARNING)
+
+
+def _before_group_init(ps) -> None:
+    if _worker_ready or _gate_decision is not None:
+        if _gate_decision is not None and _gate_decision.decision == "disabled":
+            ps._ENABLE_CUSTOM_ALL_REDUCE = False
+        return
+    _apply_gate(ps)
+
+
+@_guard("worker setup")
+def _after_group_init(coordinator) -> None:
+    global _worker_ready
+    with _lock:
+        if _worker_ready:
+            return
+        from . import probe, watchdog
+
+        wd = watchdog.get()
+        try:
+            import torch.distributed as dist
+
+            wd.rank = dist.get_rank() if dist.is_initialized() else None
+        except Exception:
+            wd.rank = None
+        wd.local_rank = getattr(coordinator, "local_rank", None)
+        rec = probe.get()
+        rec.rank = wd.rank
+        wd.flushers.append(rec.flush)
+        wd.start()
+        _patch_model_runners()
+        _worker_ready = True
+        logger.info("vllm-fleet: hooks active in worker rank %s (pid %d): %s; watchdog threshold "
+                    "%.1fs, probe every %s steps", wd.rank, os.getpid(),
+                    ", ".join(sorted(set(ACTIVE.values()))), wd.threshold_s,
+                    os.environ.get("VLLM_FLEET_PROBE_EVERY_STEPS", probe.DEFAULT_EVERY_STEPS))
+
+
+# ------------------------------------------------------------------ model runner hook (probe)
+
+RUNNER_CLASSES = (
+    ("vllm.v1.worker.gpu_model_runner", "GPUModelRunner"),   # V1 runner; CPUModelRunner subclasses
+    ("vllm.v1.worker.gpu.model_runner", "GPUModelRunner"),   # V2 runner (CPU V2 subclasses it)
+)
+
+
+def _patch_model_runners() -> None:
+    found = []
+    for modname, clsname in RUNNER_CLASSES:
+        try:
+            # In a worker these modules are already imported by the worker class itself.
+            mod = sys.modules.get(modname) or __import__(modname, fromlist=[clsname])
+        except Exception:
+            continue
+        cls = getattr(mod, clsname, None)
+        if cls is None or getattr(cls, "_fleet_patched", False):
+            if cls is not None:
+                found.append(f"{modname}.{clsname}")
+            continue
+        cls._fleet_patched = True
+        orig_init = cls.__init__
+
+        @functools.wraps(orig_init)
+        def __init__(self, *args, _orig=orig_init, **kwargs):
+            _orig(self, *args, **kwargs)
+            _wrap_execute_model(self)
+
+        cls.__init__ = __init__
+        found.append(f"{modname}.{clsname}")
+    if found:
+        ACTIVE["runner"] = "execute_model of " + " / ".join(found)
+    else:
+        log_once("no-runner", "vllm-fleet: inactive: all-reduce probe (no model runner hook point "
+                 "found: %s)", ", ".join(f"{m}.{c}" for m, c in RUNNER_CLASSES),
+                 level=logging.WARNING)
+
+
+@_guard("wrap execute_model")
+def _wrap_execute_model(runner) -> None:
+    from . import probe
+
+    orig = runner.execute_model
+    if getattr(orig, "_fleet", False):
+        return
+    every = probe._env_int("VLLM_FLEET_PROBE_EVERY_STEPS", probe.DEFAULT_EVERY_STEPS)
+    counter = [0]
+
+    @functools.wraps(orig)
+    def execute_model(*args, **kwargs):
+        counter[0] += 1
+        if probe.should_probe(counter[0], every):
+            _run_probe(counter[0])
+        return orig(*args, **kwargs)
+
+    execute_model._fleet = True
+    runner.execute_model = execute_model
+
+
+def _run_probe(step: int) -> None:
+    # Not _guard-ed into silence forever: a failure is logged, and the next cadence step probes
+    # again on every rank, so no rank ever drops out of the agreed schedule on its own.
+    try:
+        from vllm.distributed import parallel_state as ps
+
+        from . import probe
+
+        groups = []
+        for getter in ("get_tp_group", "get_pp_group"):
+            try:
+                groups.append(getattr(ps, getter)())
+            except Exception:
+                pass
+        probe.get().run_probe(groups)
+        log_once("probe-first", "vllm-fleet: all-reduce probe ran at step %d; histograms in %s",
+                 step, _allreduce_path())
+    except Exception:
+        log_once("probe-fail", "vllm-fleet: all-reduce probe failed", level=logging.WARNING)
+        logger.debug("probe failed", exc_info=True)
+
+
+def _allreduce_path() -> str:
+    from . import state
+
+    return state.allreduce_path()
+
+
+# ------------------------------------------------------------------ entry point
+
+@_guard("cleanup")
+def _cleanup_once() -> None:
+    """Once per launch, in the first process of it that loads the plugin (its children inherit
+    VLLM_FLEET_CLEANUP_DONE and skip): the engine's own processes do not exist yet."""
+    launch = os.environ.get("VLLM_FLEET_LAUNCH_ID") or "-"
+    if os.environ.get("VLLM_FLEET_CLEANUP", "1") == "0":
+        log_once("cleanup-off", "vllm-fleet: stale-state cleanup disabled (VLLM_FLEET_CLEANUP=0)")
+        return
+    if os.environ.get("VLLM_FLEET_CLEANUP_DONE") == launch:
+        return
+    os.environ["VLLM_FLEET_CLEANUP_DONE"] = launch
+    from . import cleanup
+
+    report = cleanup.run()
+    logger.info(cleanup.summary(report))
+
+
+@_guard("member registry")
+def _register_member() -> None:
+    from . import state
+
+    state.register_member()
+
+
+def register() -> None:
+    """vLLM general-plugin entry point. Idempotent; never raises."""
+    global _registered
+    try:
+        with _lock:
+            if _registered:
+                return
+            _registered = True
+            if os.environ.get("VLLM_FLEET_DISABLE") == "1":
+                return
+            _setup_logging()
+            if not any(isinstance(f, _PostImportFinder) for f in sys.meta_path):
+                sys.meta_path.insert(0, _PostImportFinder())
+            _cleanup_once()
+            _register_member()
+            when_imported("vllm.distributed.parallel_state", _patch_parallel_state)
+            logger.debug("vllm-fleet plugin registered in pid %d", os.getpid())
+    except Exception:
+        logger.warning("vllm-fleet: plugin registration failed; vLLM runs without it",
+                       exc_info=True)

