@@ -50,6 +50,14 @@ def test_no_peer_access_disables_custom_ar_but_leaves_nccl_alone():
     assert "no peer access" in d.reason
 
 
+def test_declared_unavailable_disables_custom_ar_and_nccl_p2p_without_probing():
+    d = p2p_gate.decide(Facts("cuda", ["GPU-a", "GPU-b"], [], True), declared="unavailable")
+    assert d.decision == "disabled" and d.nccl_p2p_disable
+    assert "declared unavailable" in d.reason
+    # CPU stays not_applicable whatever is declared
+    assert p2p_gate.decide(Facts("cpu", [], [], None), declared="unavailable").decision == "not_applicable"
+
+
 def test_more_than_two_pcie_gpus_disabled():
     d = p2p_gate.decide(Facts("cuda", list("abcd"), fake_pairs(4), False))
     assert d.decision == "disabled" and "NVLink" in d.reason and not d.nccl_p2p_disable

@@ -218,3 +218,12 @@ def test_all_problems_are_reported_at_once(tmp_path):
     out = proc.stdout + proc.stderr
     assert "fleet_api_port=0" in out and "fleet_served_model_name=''" in out and "fleet_gpu_less='no'" in out
     assert re.search(r"\b(\d+) problem\(s\)", out) and int(re.search(r"\b(\d+) problem\(s\)", out).group(1)) >= 4
+
+
+def test_limit_does_not_skip_validation(tmp_path):
+    """--limit to one host still validates the whole inventory (the head's bad value is named)."""
+    proc = run_deploy(tmp_path, head(base_inventory(), fleet_gpu_memory_utilization=2), "--limit", "gpu-b")
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0, out
+    assert "host gpu-a: fleet_gpu_memory_utilization=2" in out, out
+    assert "PLAY [Pre-flight reachability]" not in out, out

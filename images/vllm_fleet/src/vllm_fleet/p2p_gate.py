@@ -9,6 +9,8 @@ probes that need CUDA are small functions exercised by the GPU run.
 
 Decision table (``decide``):
   * not CUDA, or fewer than 2 local GPUs         -> not_applicable (nothing changes)
+  * VLLM_FLEET_P2P=unavailable (operator says P2P is unusable here) -> disabled,
+    NCCL_P2P_DISABLE=1, no probe
   * a pair with peer access whose IPC round trip fails -> disabled, NCCL_P2P_DISABLE=1
     (P2P itself is broken: NCCL must not use it either)
   * a pair without peer access                   -> disabled (custom all-reduce needs P2P)
@@ -70,8 +72,8 @@ class Decision:
                 f"{' + NCCL_P2P_DISABLE=1' if self.nccl_p2p_disable else ''}: {self.reason}")
 
 
-def decide(facts: Facts, cache_key: str | None = None) -> Decision:
-    """Pure decision from probe facts (see module docstring)."""
+def decide(facts: Facts, cache_key: str | None = None, declared: str = "auto") -> Decision:
+    """Pure decision from probe facts and the operator's declaration (see module docstring)."""
     pairs = list(facts.pairs)
     nvl = bool(facts.fully_nvlink)
     if facts.platform != "cuda":
@@ -80,6 +82,9 @@ def decide(facts: Facts, cache_key: str | None = None) -> Decision:
     if len(facts.gpus) < 2:
         return Decision("not_applicable", f"{len(facts.gpus)} local GPU(s): no pairs", False,
                         nvl, pairs, cache_key)
+    if declared == "unavailable":
+        return Decision("disabled", "peer access declared unavailable (VLLM_FLEET_P2P=unavailable)",
+                        True, nvl, pairs, cache_key)
     broken = [p for p in pairs if p.peer_access and not p.ipc_roundtrip_ok]
     if broken:
         names = ", ".join(f"{p.a}-{p.b}" for p in broken)
@@ -248,9 +253,9 @@ def probe_cuda(indices: Sequence[int]) -> list[PairResult]:
     return out
 
 
-def gather_facts() -> tuple[Facts, str | None]:
+def gather_facts(probe: bool = True) -> tuple[Facts, str | None]:
     """Facts for this process's platform. Only called where a GPU is owned (workers) or from the
-    CLI; on CPU it never imports CUDA-touching code."""
+    CLI; on CPU it never imports CUDA-touching code. ``probe=False`` skips the pair probes."""
     if driver_version() is None:
         return Facts("cpu", [], [], None), None
     import torch
@@ -267,18 +272,22 @@ def gather_facts() -> tuple[Facts, str | None]:
     if cached is not None:
         return Facts("cuda", uuids, cached.pairs, cached.fully_nvlink), key
     indices = list(range(n))
+    if not probe:
+        return Facts("cuda", uuids, [], nvml_fully_connected(indices)), key
     return Facts("cuda", uuids, probe_cuda(indices), nvml_fully_connected(indices)), key
 
 
 def evaluate(write: bool = True, facts: Facts | None = None, key: str | None = None,
              env: dict | None = None) -> Decision:
     """Gather (or take) facts, decide, cache, write ``p2p-gate-<host>.json``, log one line."""
+    declared = (os.environ if env is None else env).get("VLLM_FLEET_P2P", "auto")
     if facts is None:
-        facts, key = gather_facts()
-    decision = decide(facts, key)
+        facts, key = gather_facts(probe=declared != "unavailable")
+    decision = decide(facts, key, declared)
     if write:
         try:
-            store_cached(decision, env)
+            if declared != "unavailable":  # a declaration has no probe results to cache
+                store_cached(decision, env)
             state.write_json_atomic(state.p2p_gate_path(env), decision.to_json())
         except OSError:
             logger.warning("vllm-fleet p2p gate: could not write state", exc_info=True)

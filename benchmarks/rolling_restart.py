@@ -1,0 +1,145 @@
+#!/usr/bin/env python3
+"""Latency cost of a rolling restart: tools/loadgen.py before and during rolling_restart.yml.
+
+  benchmarks/rolling_restart.py -i .lab/inventory.ini [--before 60] [--concurrency 4] \
+      [--json build/bench-rolling-restart.json] [--max-p99-ratio 2] [-- EXTRA ANSIBLE ARGS]
+
+1. `before`: loadgen alone for --before seconds through the balancer.
+2. `during`: loadgen started, then `ansible-playbook rolling_restart.yml`; when the playbook ends,
+   loadgen gets SIGTERM (no new requests, in-flight ones finish) and reports.
+Prints both side by side (requests, failed, p50/p99 latency and TTFT) and p99 during / before.
+Exit 1 when the playbook failed, any request failed, or the p99 ratio is above --max-p99-ratio.
+The endpoint defaults to the first fleet_loadbalancer host's loadbalancer_frontend_port.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+LOADGEN = REPO / "tools" / "loadgen.py"
+
+
+def endpoint_from_inventory(inventory: str) -> tuple[str, str]:
+    """(base URL of the balancer, served model name) from ansible-inventory."""
+    out = subprocess.run(["ansible-inventory", "-i", inventory, "--list"], cwd=REPO, capture_output=True, text=True,
+                         check=True, timeout=120).stdout
+    data = json.loads(out)
+    hostvars = data.get("_meta", {}).get("hostvars", {})
+    balancers = data.get("fleet_loadbalancer", {}).get("hosts", [])
+    if not balancers:
+        raise SystemExit("no host in fleet_loadbalancer: give --base-url")
+    lb = balancers[0]
+    defaults = yaml.safe_load((REPO / "roles/loadbalancer/defaults/main.yml").read_text())
+    hv = hostvars.get(lb, {})
+    address = hv.get("loadbalancer_frontend_address") or hv.get("ansible_host") or lb
+    port = hv.get("loadbalancer_frontend_port", defaults["loadbalancer_frontend_port"])
+    model = next((v["fleet_served_model_name"] for v in hostvars.values() if v.get("fleet_served_model_name")), "")
+    host = f"[{address}]" if ":" in str(address) else address
+    return f"http://{host}:{port}/v1", model
+
+
+def loadgen_cmd(args, duration: float, json_path: str) -> list[str]:
+    cmd = [sys.executable, str(LOADGEN), "--base-url", args.base_url, "--requests", str(args.max_requests),
+           "--duration", str(duration), "--concurrency", str(args.concurrency), "--stream-ratio",
+           str(args.stream_ratio), "--max-tokens", str(args.max_tokens), "--timeout", str(args.timeout),
+           "--json", json_path]
+    if args.model:
+        cmd += ["--model", args.model]
+    if args.api_key:
+        cmd += ["--api-key", args.api_key]
+    return cmd
+
+
+def fmt(v) -> str:
+    return "-" if v is None else f"{v * 1000:.0f} ms"
+
+
+def table(before: dict, during: dict) -> str:
+    rows = [("requests", "total", str), ("failed", "failed", str), ("latency p50", "latency_p50_s", fmt),
+            ("latency p99", "latency_p99_s", fmt), ("TTFT p50", "ttft_p50_s", fmt), ("TTFT p99", "ttft_p99_s", fmt),
+            ("req/s", "requests_per_s", lambda v: f"{v:.1f}")]
+    lines = [f"{'':14}{'before':>12}{'during':>12}"]
+    for label, key, f in rows:
+        lines.append(f"{label:14}{f(before.get(key)):>12}{f(during.get(key)):>12}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("-i", "--inventory", required=True)
+    p.add_argument("--base-url", default="", help="default: the first balancer of the inventory")
+    p.add_argument("--model", default="", help="default: fleet_served_model_name of the inventory")
+    p.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY", ""))
+    p.add_argument("--before", type=float, default=60.0, help="seconds of load before the restart")
+    p.add_argument("--concurrency", type=int, default=4)
+    p.add_argument("--stream-ratio", type=float, default=0.5)
+    p.add_argument("--max-tokens", type=int, default=16)
+    p.add_argument("--timeout", type=float, default=120.0, help="per-request timeout")
+    p.add_argument("--max-requests", type=int, default=1_000_000, help="request cap per phase")
+    p.add_argument("--playbook-timeout", type=float, default=3600.0)
+    p.add_argument("--max-p99-ratio", type=float, default=0.0, help="fail when p99 during/before is above (0: off)")
+    p.add_argument("--json", dest="json_path", default="")
+    p.add_argument("extra", nargs="*", help="extra ansible-playbook arguments (after --)")
+    args = p.parse_args(argv)
+    if not args.base_url or not args.model:
+        url, model = endpoint_from_inventory(args.inventory)
+        args.base_url = args.base_url or url
+        args.model = args.model or model
+
+    with tempfile.TemporaryDirectory() as tmp:
+        print(f"[bench] before: {args.before:.0f}s of load on {args.base_url}", flush=True)
+        before_json = os.path.join(tmp, "before.json")
+        subprocess.run(loadgen_cmd(args, args.before, before_json), check=False,
+                       timeout=args.before + args.timeout + 60)
+        before = json.loads(Path(before_json).read_text())
+
+        print("[bench] during: load + rolling_restart.yml", flush=True)
+        during_json = os.path.join(tmp, "during.json")
+        load = subprocess.Popen(loadgen_cmd(args, args.playbook_timeout, during_json))
+        time.sleep(2)
+        t0 = time.monotonic()
+        try:
+            play = subprocess.run(["ansible-playbook", "-i", args.inventory, str(REPO / "rolling_restart.yml"),
+                                   *args.extra], cwd=REPO, capture_output=True, text=True,
+                                  timeout=args.playbook_timeout)
+            play_rc, play_out = play.returncode, play.stdout + play.stderr
+        except subprocess.TimeoutExpired as exc:
+            play_rc, play_out = 124, f"rolling_restart.yml ran past {exc.timeout}s"
+        play_s = time.monotonic() - t0
+        load.send_signal(signal.SIGTERM)
+        load.wait(timeout=args.timeout + 60)
+        during = json.loads(Path(during_json).read_text())
+
+    ratio = (during["latency_p99_s"] / before["latency_p99_s"]
+             if during.get("latency_p99_s") and before.get("latency_p99_s") else None)
+    print()
+    print(table(before, during))
+    print(f"p99 during / before: {ratio:.2f}x" if ratio is not None else "p99 ratio: n/a")
+    print(f"rolling_restart.yml: rc {play_rc} in {play_s:.0f}s")
+    if play_rc:
+        print(play_out[-4000:])
+    result = {"before": {k: v for k, v in before.items() if k != "requests"},
+              "during": {k: v for k, v in during.items() if k != "requests"},
+              "p99_ratio": ratio, "playbook_rc": play_rc, "playbook_s": round(play_s, 1)}
+    if args.json_path:
+        Path(args.json_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json_path).write_text(json.dumps(result, indent=1))
+    bad = play_rc != 0 or before["failed"] or during["failed"]
+    if args.max_p99_ratio and ratio is not None and ratio > args.max_p99_ratio:
+        print(f"p99 ratio {ratio:.2f} is above {args.max_p99_ratio}")
+        bad = True
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

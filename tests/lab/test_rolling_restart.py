@@ -1,0 +1,178 @@
+"""Rolling restart, day-2 playbooks and fail-fast on the lab.
+
+Needs a lab with TWO replicas and a balancer (deploy.yml must import
+ansible/playbooks/90_loadbalancer.yml), e.g. `python3 tests/lab/lab.py up --hosts 5` with:
+  fleet_head:         node1 (fleet_replica=a), node4 (fleet_replica=b)
+  fleet_workers:      node2 (a), node3 (a) / node5 (b)   -- any split, every replica whole
+  fleet_loadbalancer: one host (a serving host is fine when loadbalancer_frontend_port is free there)
+Fails (does not skip) when the lab has another layout, so a wrong lab never passes as green.
+"""
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.lab.conftest import INVENTORY, REPO, run_playbook
+
+pytestmark = pytest.mark.lab
+LOADGEN = REPO / "tools" / "loadgen.py"
+
+
+def inventory_vars() -> dict:
+    out = subprocess.run(["ansible-inventory", "-i", str(INVENTORY), "--list"], cwd=REPO, capture_output=True,
+                         text=True, check=True, timeout=120).stdout
+    return json.loads(out)
+
+
+@pytest.fixture(scope="module")
+def fleet(deployed_lab):
+    inv = inventory_vars()
+    hostvars = inv["_meta"]["hostvars"]
+    heads = inv.get("fleet_head", {}).get("hosts", [])
+    balancers = inv.get("fleet_loadbalancer", {}).get("hosts", [])
+    if len(heads) < 2 or not balancers:
+        pytest.fail(f"this test needs 2 replicas and a balancer in {INVENTORY} (has heads {heads}, balancers "
+                    f"{balancers}); see this file's docstring for the layout")
+    serving = heads + inv.get("fleet_workers", {}).get("hosts", [])
+    replicas: dict[str, list[str]] = {}
+    for h in serving:
+        replicas.setdefault(hostvars[h].get("fleet_replica", "main"), []).append(h)
+    head_of = {hostvars[h].get("fleet_replica", "main"): h for h in heads}
+    lb = balancers[0]
+    defaults = yaml.safe_load((REPO / "roles/loadbalancer/defaults/main.yml").read_text())
+    port = hostvars[lb].get("loadbalancer_frontend_port", defaults["loadbalancer_frontend_port"])
+    deployment = hostvars[heads[0]].get("fleet_deployment", "vllm-fleet")
+    url = f"http://{hostvars[lb].get('ansible_host', lb)}:{port}/v1"
+    return dict(deployed_lab, replicas=replicas, head_of=head_of, lb=lb, url=url, deployment=deployment,
+                model=hostvars[heads[0]].get("fleet_served_model_name", ""))
+
+
+def haproxy_servers(fleet) -> dict[str, str]:
+    """replica -> HAProxy status (UP, MAINT, DRAIN, DOWN ...) on the first balancer."""
+    out = fleet["hosts"][fleet["lb"]].run(
+        "echo 'show stat' | sudo socat stdio /run/haproxy/admin.sock").stdout.splitlines()
+    cols = out[0][2:].split(",")
+    rows = [dict(zip(cols, line.split(","))) for line in out[1:] if line]
+    return {r["svname"]: r["status"] for r in rows if r["pxname"] == "vllm" and r["svname"] not in ("FRONTEND",
+                                                                                                      "BACKEND")}
+
+
+def vllm_started_at(fleet, replica: str) -> str:
+    host = fleet["hosts"][fleet["head_of"][replica]]
+    return host.run(f"sudo docker inspect -f '{{{{.State.StartedAt}}}}' {fleet['deployment']}-vllm").stdout.strip()
+
+
+def start_load(fleet, tmp_path: Path, name: str, duration: float = 1800) -> tuple[subprocess.Popen, Path]:
+    out = tmp_path / f"{name}.json"
+    proc = subprocess.Popen([sys.executable, str(LOADGEN), "--base-url", fleet["url"], "--model", fleet["model"],
+                             "--requests", "100000", "--duration", str(duration), "--concurrency", "2",
+                             "--max-tokens", "8", "--timeout", "120", "--json", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return proc, out
+
+
+def stop_load(proc: subprocess.Popen, out: Path) -> dict:
+    proc.send_signal(signal.SIGTERM)
+    text, _ = proc.communicate(timeout=300)
+    assert out.exists(), text
+    return json.loads(out.read_text())
+
+
+def test_rolling_restart_under_load_has_zero_failed_requests(fleet, tmp_path):
+    before = {r: vllm_started_at(fleet, r) for r in fleet["replicas"]}
+    load, out = start_load(fleet, tmp_path, "during")
+    time.sleep(5)
+    run = run_playbook("rolling_restart.yml", timeout=3600)
+    result = stop_load(load, out)
+    assert run.rc == 0, run.output[-20000:]
+    assert result["failed"] == 0, result["errors"]
+    assert result["ok"] > 0
+    for replica in fleet["replicas"]:
+        assert vllm_started_at(fleet, replica) != before[replica], f"replica {replica} was not restarted"
+    assert set(haproxy_servers(fleet).values()) == {"UP"}
+
+
+def test_limit_restarts_only_the_replicas_it_covers(fleet):
+    first, second = sorted(fleet["replicas"])[:2]
+    before = {r: vllm_started_at(fleet, r) for r in (first, second)}
+    run = run_playbook("rolling_restart.yml", "--limit", ",".join(fleet["replicas"][second]), timeout=3600)
+    assert run.rc == 0, run.output[-20000:]
+    assert vllm_started_at(fleet, first) == before[first]
+    assert vllm_started_at(fleet, second) != before[second]
+    partial = run_playbook("rolling_restart.yml", "--limit", fleet["head_of"][second], timeout=600)
+    if len(fleet["replicas"][second]) > 1:
+        assert partial.rc != 0 and "a replica restarts as a whole" in partial.output
+
+
+def test_failed_gate_keeps_the_replica_out_while_the_others_serve(fleet, tmp_path):
+    first = sorted(fleet["replicas"])[0]
+    failed = run_playbook("rolling_restart.yml", "-e", f"rolling_restart_replicas={first}",
+                          "-e", "rolling_restart_canary_model=no-such-model", "-e", "rolling_restart_canary_retries=1",
+                          timeout=3600)
+    assert failed.rc != 0
+    assert f"replica {first} failed and is kept out of the balancer (maint)" in failed.output
+    servers = haproxy_servers(fleet)
+    assert servers[first] == "MAINT"
+    assert all(status == "UP" for name, status in servers.items() if name != first)
+    load, out = start_load(fleet, tmp_path, "degraded", duration=20)
+    load.wait(timeout=300)
+    assert json.loads(out.read_text())["failed"] == 0, "the other replicas keep serving"
+    fixed = run_playbook("rolling_restart.yml", "-e", f"rolling_restart_replicas={first}", timeout=3600)
+    assert fixed.rc == 0, fixed.output[-20000:]
+    assert set(haproxy_servers(fleet).values()) == {"UP"}
+
+
+def test_status_reports_every_host_with_one_image_and_model_per_replica(fleet, tmp_path):
+    out = tmp_path / "status.json"
+    run = run_playbook("status.yml", "-e", f"status_json={out}", timeout=600)
+    assert run.rc == 0, run.output[-10000:]
+    hosts = {h["host"]: h for h in json.loads(out.read_text())}
+    for replica, members in fleet["replicas"].items():
+        assert len({hosts[m]["image_id"] for m in members}) == 1
+        assert len({hosts[m]["model_hash"] for m in members}) == 1 and hosts[members[0]]["model_hash"]
+        assert hosts[fleet["head_of"][replica]]["health"] == 200
+        assert any(c["component"] == "vllm" for c in hosts[fleet["head_of"][replica]]["containers"])
+    assert "same on every host" in run.output
+
+
+def test_collect_logs_writes_one_tarball_with_every_host(fleet, tmp_path):
+    run = run_playbook("collect_logs.yml", "-e", f"collect_logs_dest={tmp_path}", timeout=900)
+    assert run.rc == 0, run.output[-10000:]
+    tarballs = list(tmp_path.glob("vllm-fleet-logs-*.tar.gz"))
+    assert len(tarballs) == 1 and str(tarballs[0]) in run.output
+    names = tarfile.open(tarballs[0]).getnames()
+    for host in fleet["hosts"]:
+        assert any(f"/{host}/kernel/dmesg.txt" in n for n in names)
+    assert any(n.endswith(f"{fleet['deployment']}-vllm.log") for n in names)
+
+
+def test_unreachable_host_fails_fast_and_is_named(fleet, tmp_path):
+    worker = next(h for members in fleet["replicas"].values() for h in members if h not in fleet["head_of"].values())
+    text = INVENTORY.read_text()
+    address = fleet["hosts"][worker].address
+    broken = tmp_path / "inventory.ini"
+    broken.write_text(text.replace(f"ansible_host={address}", "ansible_host=172.28.10.250", 1))
+    started = time.monotonic()
+    run = run_playbook("rolling_restart.yml", inventory=broken, timeout=300)
+    assert run.rc != 0
+    assert time.monotonic() - started < 120
+    assert worker in run.output and "UNREACHABLE" in run.output
+    assert set(haproxy_servers(fleet).values()) == {"UP"}, "nothing was drained"
+
+
+def test_teardown_needs_the_deployment_name_and_check_mode_changes_nothing(fleet):
+    refused = run_playbook("teardown.yml", timeout=600)
+    assert refused.rc != 0 and f"teardown_confirm={fleet['deployment']}" in refused.output
+    before = {r: vllm_started_at(fleet, r) for r in fleet["replicas"]}
+    checked = run_playbook("teardown.yml", "--check", "-e", f"teardown_confirm={fleet['deployment']}", timeout=600)
+    assert checked.rc == 0, checked.output[-10000:]
+    assert {r: vllm_started_at(fleet, r) for r in fleet["replicas"]} == before
+    assert set(haproxy_servers(fleet).values()) == {"UP"}

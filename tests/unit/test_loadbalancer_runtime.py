@@ -1,0 +1,307 @@
+"""A REAL haproxy, configured by the loadbalancer role, in front of two fake_vllm backends on localhost.
+
+Proves: the fleet_haproxy_server module (directly and through the role's server_state.yml under
+ansible-playbook, incl. --check) drains / maints / readies a server idempotently; a replica that is
+drained, restarted and put back costs zero failed requests under load (real OpenAI client); a dead
+server that HAProxy still believes UP is retried on the other replica; rolling_restart.yml itself
+(stub start role, stub docker) restarts both replicas under load with zero failed requests, and a
+replica that fails its canary stays out while the other keeps serving.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+from tests.unit.fake_vllm import FakeVLLM, free_port
+from tests.unit.test_loadbalancer_config import render_config
+
+REPO = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.skipif(shutil.which("haproxy") is None,
+                                reason="haproxy is not installed (tests/requirements-apt.txt lists it)")
+
+
+def load(name: str, path: Path):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+haproxy_module = load("fleet_haproxy_server", REPO / "roles/loadbalancer/library/fleet_haproxy_server.py")
+loadgen = load("loadgen", REPO / "tools/loadgen.py")
+
+
+class Balancer:
+    def __init__(self, tmp: Path, backends: dict[str, FakeVLLM], **overrides):
+        self.tmp = tmp
+        self.port, self.stats_port = free_port(), free_port()
+        self.socket = str(tmp / "admin.sock")
+        self.backends = backends
+        self.overrides = dict(dict(loadbalancer_frontend_port=self.port, loadbalancer_stats_port=self.stats_port,
+                                   loadbalancer_frontend_address="127.0.0.1", loadbalancer_check_interval="500ms",
+                                   loadbalancer_check_rise=1), **overrides)
+        self.config = render_config(tmp, {r: ("127.0.0.1", b.port) for r, b in backends.items()}, **self.overrides)
+        self.inventory = tmp / "inventory.ini"
+        self.proc = subprocess.Popen(["haproxy", "-db", "-f", str(tmp / "haproxy.cfg")],
+                                     stdout=open(tmp / "haproxy.log", "w"), stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            try:
+                if all(s["status"] == "UP" for s in self.servers().values()):
+                    return
+            except (haproxy_module.RuntimeApiError, KeyError):
+                pass
+            time.sleep(0.2)
+        raise AssertionError("haproxy did not come up with both servers UP:\n" + (tmp / "haproxy.log").read_text())
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def servers(self) -> dict:
+        return haproxy_module.describe(self.socket, "vllm")
+
+    def stop(self):
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+@pytest.fixture
+def fleet(tmp_path):
+    backends = {"r1": FakeVLLM("r1").start(), "r2": FakeVLLM("r2").start()}
+    balancer = Balancer(tmp_path, backends)
+    yield balancer, backends
+    balancer.stop()
+    for b in backends.values():
+        b.stop()
+
+
+def chat(url: str, stream: bool = False) -> requests.Response:
+    return requests.post(f"{url}/v1/chat/completions", timeout=10,
+                         json={"model": "tiny-llama", "messages": [{"role": "user", "content": "hi"}],
+                               "max_tokens": 4, "stream": stream})
+
+
+SERVER_STATE_PLAYBOOK = """
+- name: Set a server's state through the role
+  hosts: fleet_head
+  gather_facts: false
+  tasks:
+    - name: Change it
+      ansible.builtin.include_role:
+        name: loadbalancer
+        tasks_from: server_state.yml
+      vars:
+        loadbalancer_server_name: "{{ server }}"
+        loadbalancer_server_state: "{{ state }}"
+        loadbalancer_server_wait_sessions_zero: "{{ state == 'drain' }}"
+        loadbalancer_server_wait_up: "{{ state == 'ready' }}"
+        loadbalancer_server_timeout: 30
+      when: inventory_hostname == groups['fleet_head'][0]
+"""
+
+
+def set_state(balancer: Balancer, server: str, state: str, *extra: str) -> subprocess.CompletedProcess:
+    playbook = balancer.tmp / "server_state.yml"
+    playbook.write_text(SERVER_STATE_PLAYBOOK)
+    proc = subprocess.run(["ansible-playbook", "-i", str(balancer.inventory), str(playbook),
+                           "-e", f"server={server}", "-e", f"state={state}", *extra],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-2000:]
+    return proc
+
+
+def changed(proc: subprocess.CompletedProcess) -> int:
+    return sum(int(m) for m in re.findall(r"changed=(\d+)", proc.stdout))
+
+
+def test_module_reads_and_sets_states_idempotently_through_ansible(fleet):
+    balancer, _ = fleet
+    servers = balancer.servers()
+    assert {n: (s["admin_state"], s["status"]) for n, s in servers.items()} == {
+        "r1": ("ready", "UP"), "r2": ("ready", "UP")}
+    assert set_state(balancer, "r1", "drain", "--check") and balancer.servers()["r1"]["admin_state"] == "ready", \
+        "--check changes nothing"
+    assert changed(set_state(balancer, "r1", "drain")) == 1
+    assert balancer.servers()["r1"]["admin_state"] == "drain"
+    assert changed(set_state(balancer, "r1", "drain")) == 0, "idempotent"
+    assert changed(set_state(balancer, "r1", "maint")) == 1
+    assert balancer.servers()["r1"]["status"] == "MAINT"
+    assert changed(set_state(balancer, "r1", "ready")) == 1
+    assert balancer.servers()["r1"]["status"] == "UP"
+    assert changed(set_state(balancer, "r1", "ready")) == 0
+
+
+def test_module_names_an_unknown_server(fleet):
+    balancer, _ = fleet
+    playbook = balancer.tmp / "server_state.yml"
+    playbook.write_text(SERVER_STATE_PLAYBOOK)
+    proc = subprocess.run(["ansible-playbook", "-i", str(balancer.inventory), str(playbook),
+                           "-e", "server=r9", "-e", "state=drain"], cwd=REPO, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode != 0
+    assert "has no server 'r9' (it has: r1, r2)" in proc.stdout
+
+
+def test_drained_server_gets_no_new_requests_and_state_survives_a_reload(fleet):
+    balancer, backends = fleet
+    haproxy_module.command(balancer.socket, "set server vllm/r1 state drain")
+    for _ in range(10):
+        response = chat(balancer.url)
+        assert response.status_code == 200 and response.headers["x-fake-backend"] == "r2"
+    # A reload keeps the drain: save the state file the way the role's handler does, restart haproxy.
+    (balancer.tmp / "server-state").write_text(haproxy_module.command(balancer.socket, "show servers state"))
+    balancer.stop()
+    os.unlink(balancer.socket)
+    balancer.proc = subprocess.Popen(["haproxy", "-db", "-f", str(balancer.tmp / "haproxy.cfg")],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 10
+    while not os.path.exists(balancer.socket) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    time.sleep(0.5)
+    assert balancer.servers()["r1"]["admin_state"] == "drain"
+
+
+def run_load(url: str, seconds: float, concurrency: int = 4) -> tuple[threading.Thread, dict]:
+    out: dict = {}
+    gen = loadgen.LoadGenerator(loadgen.Config(base_url=url + "/v1", model="tiny-llama", requests=100000,
+                                               duration=seconds, concurrency=concurrency, stream_ratio=0.5,
+                                               max_tokens=8, timeout=20))
+    thread = threading.Thread(target=lambda: out.update(gen.run()), daemon=True)
+    thread.start()
+    out["_gen"] = gen
+    return thread, out
+
+
+def test_drain_restart_ready_under_load_has_zero_failed_requests(fleet):
+    balancer, backends = fleet
+    thread, result = run_load(balancer.url, seconds=90)
+    time.sleep(1.5)
+    set_state(balancer, "r1", "drain")  # waits for r1's sessions to reach 0
+    assert backends["r1"].running == 0
+    set_state(balancer, "r1", "maint")
+    served_before = backends["r1"].served
+    backends["r1"].restart(down_s=1.5)   # the engine goes away and comes back
+    deadline = time.monotonic() + 10
+    while requests.get(backends["r1"].url + "/health", timeout=2).status_code != 200:
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    set_state(balancer, "r1", "ready")   # waits until HAProxy sees it UP
+    time.sleep(2)
+    result["_gen"].stop_event.set()
+    thread.join(60)
+    assert not thread.is_alive()
+    assert result["failed"] == 0, result["errors"]
+    assert result["ok"] > 20 and result["stream"] > 0 and result["non_stream"] > 0
+    assert backends["r1"].served > served_before, "r1 took traffic again after it was put back"
+
+
+def test_dead_server_still_believed_up_is_retried_on_the_other_replica(tmp_path):
+    backends = {"r1": FakeVLLM("r1").start(), "r2": FakeVLLM("r2").start()}
+    # Slow health checks: HAProxy keeps r1 UP for a while after it dies.
+    balancer = Balancer(tmp_path, backends, loadbalancer_check_interval="30s")
+    try:
+        backends["r1"].stop()
+        assert balancer.servers()["r1"]["status"] == "UP"
+        for i in range(12):
+            response = chat(balancer.url, stream=bool(i % 2))
+            assert response.status_code == 200, response.text
+            assert response.headers["x-fake-backend"] == "r2"
+    finally:
+        balancer.stop()
+        backends["r2"].stop()
+
+
+STUB_DOCKER = """#!/bin/sh
+# stub_docker: no fleet container exists here; images all have the same ID.
+case "$1" in
+  ps) exit 0 ;;
+  image|inspect) echo sha256:stub; exit 0 ;;
+  *) exit 0 ;;
+esac
+"""
+
+STUB_START_ROLE = """---
+- name: Restart the fake engine of this replica (stands in for the serving roles)
+  ansible.builtin.uri:
+    url: "http://127.0.0.1:{{ fleet_api_port }}/fake/restart"
+    method: POST
+    body_format: json
+    body: {down_s: 1.5}
+  when: inventory_hostname in groups['fleet_head']
+"""
+
+
+def rolling_restart(balancer: Balancer, *extra: str) -> subprocess.CompletedProcess:
+    tmp = balancer.tmp
+    (tmp / "bin").mkdir(exist_ok=True)
+    (tmp / "bin/docker").write_text(STUB_DOCKER)
+    (tmp / "bin/docker").chmod(0o755)
+    role = tmp / "roles/stub_start/tasks"
+    role.mkdir(parents=True, exist_ok=True)
+    (role / "main.yml").write_text(STUB_START_ROLE)
+    env = dict(os.environ, PATH=f"{tmp / 'bin'}{os.pathsep}{os.environ['PATH']}",
+               ANSIBLE_ROLES_PATH=f"{tmp / 'roles'}{os.pathsep}{REPO / 'roles'}")
+    return subprocess.run(["ansible-playbook", "-i", str(balancer.inventory), str(REPO / "rolling_restart.yml"),
+                           "-e", '{"rolling_restart_start_roles": ["stub_start"]}',
+                           "-e", "rolling_restart_health_timeout=30", "-e", "rolling_restart_drain_timeout=30",
+                           *extra], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_rolling_restart_playbook_under_load_zero_failed_and_a_failed_gate_keeps_the_replica_out(fleet):
+    balancer, backends = fleet
+    check = rolling_restart(balancer, "--check")
+    assert check.returncode == 0, check.stdout[-6000:]
+    assert "replica r1 (head-r1) checked (check mode)" in check.stdout
+    assert backends["r1"].served == 0 and all(s["admin_state"] == "ready" for s in balancer.servers().values()), \
+        "--check drains nothing, restarts nothing, sends no canary"
+    thread, result = run_load(balancer.url, seconds=120)
+    try:
+        time.sleep(1)
+        proc = rolling_restart(balancer)
+        assert proc.returncode == 0, proc.stdout[-8000:] + proc.stderr[-2000:]
+        assert "replica r1 (head-r1) restarted and back in rotation" in proc.stdout
+        assert "replica r2 (head-r2) restarted and back in rotation" in proc.stdout
+        assert proc.stdout.index("replica r1 (head-r1) restarted") < proc.stdout.index("replica r2 (head-r2) restarted")
+        servers = balancer.servers()
+        assert all(s["status"] == "UP" and s["admin_state"] == "ready" for s in servers.values()), servers
+
+        # The canary asks for a model nobody serves: r1 fails its gate, stays out, the play stops before r2.
+        failed = rolling_restart(balancer, "-e", "rolling_restart_canary_model=no-such-model",
+                                 "-e", "rolling_restart_canary_retries=1")
+        assert failed.returncode != 0
+        assert "replica r1 failed and is kept out of the balancer (maint)" in failed.stdout, failed.stdout[-6000:]
+        assert "Gate - canary chat completion" in failed.stdout
+        assert "replica r2 (head-r2) restarted" not in failed.stdout
+        servers = balancer.servers()
+        assert servers["r1"]["status"] == "MAINT" and servers["r2"]["status"] == "UP"
+    finally:
+        result["_gen"].stop_event.set()
+        thread.join(60)
+    assert result["failed"] == 0, result["errors"]
+    assert result["ok"] > 20
+
+    # r1 is out: taking r2 out too would leave nothing UP, so that is refused before any change.
+    refused = rolling_restart(balancer, "--limit", "head-r2")
+    assert refused.returncode != 0
+    assert "would leave no replica UP" in refused.stdout, refused.stdout[-5000:]
+    assert balancer.servers()["r2"]["status"] == "UP"
+    # The fix: restart just r1 (--limit), which puts it back.
+    fixed = rolling_restart(balancer, "--limit", "head-r1")
+    assert fixed.returncode == 0, fixed.stdout[-5000:]
+    assert "replica r2" not in fixed.stdout.split("PLAY [Rolling restart - one batch")[1]
+    assert all(s["status"] == "UP" for s in balancer.servers().values())
