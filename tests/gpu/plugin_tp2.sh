@@ -47,16 +47,23 @@ stop_server() { kill -- -"$(cat /tmp/$1.pid)" 2>/dev/null; sleep 3; kill -9 -- -
 
 chat() { python3 tests/gpu/http_check.py chat "$1" "$2"; }  # $1 port, $2 stream true|false
 
+# Wheelhouse + our package (refreshed every call) and the model (made once per machine).
+setup() {
+  log "install wheelhouse + vllm_fleet"
+  bash tests/gpu/install_wheelhouse.sh /tmp/stage 2>&1 | tail -1
+  if [ ! -f "$MODEL/config.json" ]; then
+    log "make a ~1 B random-weight Llama (hidden 4096, 4 layers)"
+    python3 tools/make_tiny_llama.py "$MODEL" --hidden 4096 --layers 4 --device cuda > "$LOGS/model.log" 2>&1 \
+      || { tail "$LOGS/model.log"; exit 1; }
+    tail -1 "$LOGS/model.log"
+  fi
+}
+
 case $phase in
 prep)
   { nvidia-smi; nvidia-smi topo -m; } > "$LOGS/nvidia-smi.txt" 2>&1
   grep -A4 "GPU0" "$LOGS/nvidia-smi.txt" | tail -4
-  log "install wheelhouse"
-  bash tests/gpu/install_wheelhouse.sh /tmp/stage 2>&1 | tail -2
-  log "make a ~1 B random-weight Llama (hidden 4096, 4 layers)"
-  python3 tools/make_tiny_llama.py "$MODEL" --hidden 4096 --layers 4 --device cuda > "$LOGS/model.log" 2>&1 \
-    || { tail "$LOGS/model.log"; exit 1; }
-  tail -1 "$LOGS/model.log"
+  setup
   log "P2P gate (real CUDA IPC probe)"
   python3 -m vllm_fleet.p2p_gate 2>&1 | tee "$LOGS/p2p-gate.txt" | tail -2
   log "fabric check, 2 GPUs, NCCL, 8 B .. 1 GiB"
@@ -69,8 +76,10 @@ prep)
   echo "probe bench rc=$?"; grep -E "size|^ +[0-9]|deviation" "$LOGS/probe-vs-reference.txt"
   ;;
 serve)
-  log "A: plugin on (probe every 50 steps); B: no plugin; same GPUs, same model"
-  start_server with-plugin 8001 VLLM_PLUGINS=fleet VLLM_FLEET_PROBE_EVERY_STEPS=50
+  setup
+  rm -rf "$VLLM_FLEET_STATE_DIR/p2p-cache"  # the workers' gate probes for real, not from prep's cache
+  log "A: plugin on (default probe cadence); B: no plugin; same GPUs, same model"
+  start_server with-plugin 8001 VLLM_PLUGINS=fleet
   start_server without-plugin 8002 VLLM_PLUGINS=
   wait_healthy with-plugin 8001 360 && wait_healthy without-plugin 8002 360 || exit 1
   grep -h "vllm-fleet" "$LOGS/with-plugin.log" | grep -E "p2p gate|hooks active|inactive" | sort -u | head -8

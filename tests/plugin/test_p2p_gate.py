@@ -100,3 +100,18 @@ def test_evaluate_writes_state_and_cache(state_dir, monkeypatch):
 def test_evaluate_on_this_cpu_host_is_not_applicable(state_dir):
     d = p2p_gate.evaluate()  # real gather: no NVIDIA driver here
     assert d.decision == "not_applicable"
+
+
+def test_evaluate_isolated_runs_the_gate_in_a_child_process(state_dir):
+    """Workers are daemonic: the probe runs as `python -m vllm_fleet.p2p_gate`, whose JSON answer
+    becomes the decision (on this CPU host: not_applicable, and the gate file is written)."""
+    d = p2p_gate.evaluate_isolated(timeout_s=120)
+    assert d.decision == "not_applicable", d.reason
+    assert os.path.exists(p2p_gate.state.p2p_gate_path())
+
+
+def test_evaluate_isolated_distrusts_a_probe_without_result(state_dir, monkeypatch):
+    import sys as _sys
+    monkeypatch.setattr(_sys, "executable", "/bin/false")
+    d = p2p_gate.evaluate_isolated(timeout_s=30)
+    assert d.decision == "disabled" and "no result" in d.reason

@@ -295,6 +295,34 @@ def evaluate(write: bool = True, facts: Facts | None = None, key: str | None = N
     return decision
 
 
+def evaluate_isolated(timeout_s: float = 300.0) -> Decision:
+    """``evaluate()`` in a separate process (``python -m vllm_fleet.p2p_gate``).
+
+    Used from vLLM workers: they are daemonic multiprocessing children (which may not start
+    multiprocessing children of their own), and a worker must not open CUDA contexts on the other
+    GPUs, which the pair probe does. A probe that fails or times out leaves custom all-reduce off:
+    it is trusted only once proven."""
+    import subprocess
+    import sys
+
+    # The child imports this very package, wherever it was imported from here.
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        p for p in (here, os.environ.get("PYTHONPATH", "")) if p))
+    try:
+        proc = subprocess.run([sys.executable, "-m", "vllm_fleet.p2p_gate"], capture_output=True,
+                              text=True, timeout=timeout_s, check=False, env=env)
+        doc = json.loads(proc.stdout.strip().splitlines()[-1])
+        return Decision(**doc)
+    except Exception as exc:  # no result: do not trust custom all-reduce
+        detail = exc.__class__.__name__ if not isinstance(exc, subprocess.TimeoutExpired) \
+            else f"timed out after {timeout_s:.0f}s"
+        decision = Decision("disabled", f"P2P probe gave no result ({detail}); custom all-reduce "
+                            "is not trusted unproven", False, False, [], None)
+        logger.info(decision.log_line())
+        return decision
+
+
 def apply_to_env(decision: Decision, env: Any = None) -> None:
     """NCCL reads NCCL_P2P_DISABLE at communicator init: set it before vLLM creates groups."""
     env = os.environ if env is None else env

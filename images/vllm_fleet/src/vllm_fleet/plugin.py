@@ -29,6 +29,7 @@ import logging
 import os
 import sys
 import threading
+import traceback
 
 logger = logging.getLogger("vllm_fleet")
 
@@ -68,9 +69,8 @@ def _guard(name: str):
             try:
                 return fn(*a, **kw)
             except Exception:
-                log_once(f"fail:{name}", "vllm-fleet: hook %s failed; serving continues without it",
-                         name, level=logging.WARNING)
-                logger.debug("hook %s failed", name, exc_info=True)
+                log_once(f"fail:{name}", "vllm-fleet: hook %s failed; serving continues without it: %s",
+                         name, traceback.format_exc(limit=4), level=logging.WARNING)
                 return None
         return inner
     return deco
@@ -197,7 +197,8 @@ def _apply_gate(ps) -> None:
         os.makedirs(p2p_gate.cache_dir(), exist_ok=True)
         with open(os.path.join(p2p_gate.cache_dir(), ".lock"), "a+") as fh:
             fcntl.flock(fh, fcntl.LOCK_EX)
-            _gate_decision = p2p_gate.evaluate()  # logs the one decision line
+            _gate_decision = p2p_gate.evaluate_isolated()
+            logger.info(_gate_decision.log_line())  # the one decision line, in the worker's log
     p2p_gate.apply_to_env(_gate_decision)
     if _gate_decision.decision == "disabled":
         # CudaCommunicator reads this module global when it builds the TP communicator; forcing

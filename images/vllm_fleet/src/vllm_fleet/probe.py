@@ -206,7 +206,7 @@ class Recorder:
             self.probes_run += 1
         finally:
             _tls.in_probe = False
-        self.flush(force=True)
+        self._dirty = True  # the watchdog's flusher thread writes it: no file I/O on the step path
 
     @staticmethod
     def _time(coordinator, buf, iters: int) -> list[float]:

