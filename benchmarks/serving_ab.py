@@ -1,12 +1,13 @@
 #!/usr/bin/env python3
-"""Serving throughput of two OpenAI endpoints, interleaved rounds (A, B, A, B, ...).
+"""Serving throughput of several OpenAI endpoints, interleaved rounds (A, B, C, then rotated).
 
-Same model, same load on both: --requests chat completions per round at --concurrency, each
-generating exactly --max-tokens (ignore_eos). Prints tokens/s per round and the B/A ratio of the
-medians, e.g. A = vLLM with the vllm-fleet plugin, B = the same vLLM without it.
+Same model, same load on each: --requests chat completions per round at --concurrency, each
+generating exactly --max-tokens (ignore_eos). Prints tokens/s per round and each endpoint's median
+against the first one, e.g. with-plugin vs the same vLLM without the plugin.
 
-    python benchmarks/serving_ab.py --a http://127.0.0.1:8001/v1 --b http://127.0.0.1:8002/v1 \\
-        --model tiny [--rounds 6] [--requests 64] [--concurrency 16] [--max-tokens 128] [--json F]
+    python benchmarks/serving_ab.py --endpoint with-plugin=http://127.0.0.1:8001/v1 \\
+        --endpoint without-plugin=http://127.0.0.1:8002/v1 --model tiny \\
+        [--rounds 6] [--requests 64] [--concurrency 16] [--max-tokens 128] [--json F]
 """
 from __future__ import annotations
 
@@ -35,10 +36,8 @@ def one_round(client, model: str, requests: int, concurrency: int, max_tokens: i
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--a", required=True, help="base URL of A (…/v1)")
-    ap.add_argument("--b", required=True, help="base URL of B (…/v1)")
-    ap.add_argument("--label-a", default="A")
-    ap.add_argument("--label-b", default="B")
+    ap.add_argument("--endpoint", action="append", required=True, metavar="LABEL=URL",
+                    help="an endpoint (…/v1); give two or more; the first is the reference")
     ap.add_argument("--model", required=True)
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--requests", type=int, default=64)
@@ -49,26 +48,29 @@ def main() -> int:
     args = ap.parse_args()
     from openai import OpenAI
 
-    clients = {args.label_a: OpenAI(base_url=args.a, api_key="none", timeout=args.timeout, max_retries=0),
-               args.label_b: OpenAI(base_url=args.b, api_key="none", timeout=args.timeout, max_retries=0)}
+    endpoints = [e.split("=", 1) for e in args.endpoint]
+    clients = {label: OpenAI(base_url=url, api_key="none", timeout=args.timeout, max_retries=0)
+               for label, url in endpoints}
     for client in clients.values():  # warm-up, not counted
         one_round(client, args.model, args.concurrency, args.concurrency, 16)
     results = {label: [] for label in clients}
     print(f"{'round':>5} {'endpoint':>12} {'tokens':>7} {'seconds':>8} {'tokens/s':>9}")
     for r in range(args.rounds):
-        order = list(clients) if r % 2 == 0 else list(clients)[::-1]  # ABBA: no order bias
+        labels = list(clients)
+        order = labels[r % len(labels):] + labels[:r % len(labels)]  # rotate: no order bias
         for label in order:
             res = one_round(clients[label], args.model, args.requests, args.concurrency, args.max_tokens)
             results[label].append(res)
             print(f"{r:>5} {label:>12} {res['tokens']:>7} {res['seconds']:8.2f} {res['tokens_per_s']:9.1f}",
                   flush=True)
     med = {label: statistics.median(x["tokens_per_s"] for x in runs) for label, runs in results.items()}
-    ratio = med[args.label_b] / med[args.label_a]
-    print(f"median tokens/s: {args.label_a} {med[args.label_a]:.1f}, {args.label_b} {med[args.label_b]:.1f}; "
-          f"{args.label_b}/{args.label_a} = {ratio:.4f} ({(ratio - 1) * 100:+.2f} %)")
+    ref = endpoints[0][0]
+    print(f"{'endpoint':>16} {'median tokens/s':>16} {'vs ' + ref:>22}")
+    for label in clients:
+        print(f"{label:>16} {med[label]:16.1f} {(med[label] / med[ref] - 1) * 100:+21.2f} %")
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump({"rounds": results, "median_tokens_per_s": med, "ratio_b_over_a": ratio}, fh, indent=1)
+            json.dump({"rounds": results, "median_tokens_per_s": med, "reference": ref}, fh, indent=1)
     return 0
 
 

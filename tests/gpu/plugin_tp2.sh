@@ -4,6 +4,8 @@
 #   tests/gpu/plugin_tp2.sh prep    install, make a ~1 B Llama, P2P gate, fabric check, probe bench
 #   tests/gpu/plugin_tp2.sh serve   plugin vs no plugin (interleaved throughput), then serving
 #                                   with peer access declared unavailable
+#   tests/gpu/plugin_tp2.sh overhead  longer interleaved throughput runs: no plugin, plugin,
+#                                   plugin with the probe off (where the overhead comes from)
 # Everything lands in $OUT (a summary on stdout, raw logs in one tarball per phase).
 set -uo pipefail
 phase=${1:?prep|serve}
@@ -27,7 +29,7 @@ start_server() {
   local name=$1 port=$2; shift 2
   env "$@" VLLM_FLEET_LAUNCH_ID="$name-$(date +%s)" setsid python3 -m vllm.entrypoints.openai.api_server \
     --model "$MODEL" --served-model-name tiny --tensor-parallel-size 2 --host 127.0.0.1 --port "$port" \
-    --gpu-memory-utilization 0.30 --max-model-len 2048 --max-num-seqs 64 \
+    --gpu-memory-utilization 0.25 --max-model-len 2048 --max-num-seqs 64 \
     > "$LOGS/$name.log" 2>&1 &
   echo $! > "/tmp/$name.pid"
 }
@@ -86,8 +88,8 @@ serve)
   echo "--- non-stream"; chat 8001 false | head -c 400; echo
   echo "--- stream"; chat 8001 true | head -5
   log "throughput, interleaved rounds"
-  python3 benchmarks/serving_ab.py --a http://127.0.0.1:8001/v1 --b http://127.0.0.1:8002/v1 \
-    --label-a with-plugin --label-b without-plugin --model tiny --rounds 6 --requests 128 \
+  python3 benchmarks/serving_ab.py --endpoint without-plugin=http://127.0.0.1:8002/v1 \
+    --endpoint with-plugin=http://127.0.0.1:8001/v1 --model tiny --rounds 6 --requests 128 \
     --concurrency 32 --max-tokens 128 --json "$LOGS/serving-ab.json" 2>&1 | tee "$LOGS/serving-ab.txt"
   python3 - <<'EOF'
 import glob, json
@@ -113,5 +115,19 @@ for f in glob.glob("/tmp/fleet-state/launches/p2p-declared-off-*/allreduce-*.jso
 print("backends seen with P2P declared unavailable:", sorted(backends) or "none yet")
 EOF
   stop_server p2p-declared-off
+  ;;
+overhead)
+  setup
+  start_server without-plugin 8002 VLLM_PLUGINS=
+  start_server with-plugin 8001 VLLM_PLUGINS=fleet
+  start_server plugin-probe-off 8004 VLLM_PLUGINS=fleet VLLM_FLEET_PROBE_EVERY_STEPS=0
+  for s in without-plugin:8002 with-plugin:8001 plugin-probe-off:8004; do
+    wait_healthy "${s%%:*}" "${s##*:}" 420 || exit 1
+  done
+  python3 benchmarks/serving_ab.py --endpoint without-plugin=http://127.0.0.1:8002/v1 \
+    --endpoint with-plugin=http://127.0.0.1:8001/v1 --endpoint plugin-probe-off=http://127.0.0.1:8004/v1 \
+    --model tiny --rounds 8 --requests 512 --concurrency 64 --max-tokens 128 \
+    --json "$LOGS/serving-overhead.json" 2>&1 | tee "$LOGS/serving-overhead.txt"
+  for s in without-plugin with-plugin plugin-probe-off; do stop_server "$s"; done
   ;;
 esac

@@ -12,6 +12,13 @@ def test_cadence_is_a_pure_function_of_the_step_counter():
     assert not any(probe.should_probe(s, 0) for s in range(1, 10))
 
 
+def test_probe_events_take_turns_over_the_sizes():
+    sizes = probe.DEFAULT_SIZES
+    picked = [probe.rotation(k, sizes) for k in range(2 * len(sizes))]
+    assert picked == [(s,) for s in sizes] * 2
+    assert probe.rotation(3, ()) == ()
+
+
 def test_histogram_is_cumulative_with_inf_bucket():
     h = state.Histogram({"backend": "shm"})
     for v in (5e-6, 3e-4, 3e-4, 7.0):
