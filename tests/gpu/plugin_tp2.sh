@@ -118,12 +118,13 @@ EOF
   ;;
 overhead)
   setup
+  # One after another: engines profiling GPU memory at the same time misjudge what is free.
   start_server without-plugin 8002 VLLM_PLUGINS=
+  wait_healthy without-plugin 8002 300 || exit 1
   start_server with-plugin 8001 VLLM_PLUGINS=fleet
+  wait_healthy with-plugin 8001 300 || exit 1
   start_server plugin-probe-off 8004 VLLM_PLUGINS=fleet VLLM_FLEET_PROBE_EVERY_STEPS=0
-  for s in without-plugin:8002 with-plugin:8001 plugin-probe-off:8004; do
-    wait_healthy "${s%%:*}" "${s##*:}" 420 || exit 1
-  done
+  wait_healthy plugin-probe-off 8004 300 || exit 1
   python3 benchmarks/serving_ab.py --endpoint without-plugin=http://127.0.0.1:8002/v1 \
     --endpoint with-plugin=http://127.0.0.1:8001/v1 --endpoint plugin-probe-off=http://127.0.0.1:8004/v1 \
     --model tiny --rounds 8 --requests 512 --concurrency 64 --max-tokens 128 \
