@@ -227,3 +227,11 @@ def test_limit_does_not_skip_validation(tmp_path):
     assert proc.returncode != 0, out
     assert "host gpu-a: fleet_gpu_memory_utilization=2" in out, out
     assert "PLAY [Pre-flight reachability]" not in out, out
+
+
+def test_misspelled_role_setting_is_rejected_with_a_suggestion(tmp_path):
+    """Role settings (<role>_*) are checked like fleet_* ones."""
+    proc = run_deploy(tmp_path, worker(base_inventory(), gpu_driver_brnach="550"))
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0, out
+    assert "host gpu-b: gpu_driver_brnach=550: unknown gpu_driver_* variable; did you mean gpu_driver_branch?" in out
