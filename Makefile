@@ -30,7 +30,7 @@ lint: bootstrap
 	$(BIN)/ansible-lint --profile production
 
 test-unit: bootstrap
-	$(BIN)/pytest -m "not lab and not engine" tests
+	$(BIN)/pytest -m "not lab and not engine and not replicas" tests
 
 test-engine: bootstrap-engine
 	$(BIN)/pytest -m "engine" tests

