@@ -38,8 +38,8 @@ def engine_env(tmp_path_factory):
         pytest.skip("vllm_fleet is not installed in the engine venv (pip install -e images/vllm_fleet)")
     root = tmp_path_factory.mktemp("engine")
     model = root / "tiny"
-    subprocess.run([str(ENGINE_PY), os.path.join(HERE, "tiny_llama.py"), str(model)], check=True,
-                   capture_output=True, timeout=300)
+    subprocess.run([str(ENGINE_PY), os.path.join(HERE, "..", "..", "tools", "make_tiny_llama.py"), str(model),
+                    "--hidden", "256", "--layers", "2"], check=True, capture_output=True, timeout=300)
     return {"root": root, "model": str(model), "state": root / "state"}
 
 
