@@ -40,10 +40,7 @@ done
 if [ -s "$ca" ]; then cmp -s "$ca" "$ctx/certs/ca-bundle.crt" || cp "$ca" "$ctx/certs/ca-bundle.crt"
 else : > "$ctx/certs/ca-bundle.crt"; fi
 cmp -s "$here/Dockerfile" "$ctx/Dockerfile" || cp "$here/Dockerfile" "$ctx/Dockerfile"
-rm -rf "$ctx/vllm_fleet"
-mkdir -p "$ctx/vllm_fleet"
-tar -C "$repo/images/vllm_fleet" --exclude='__pycache__' --exclude='*.pyc' --exclude='*.egg-info' \
-    --exclude='build' --exclude='dist' --exclude='tests' -cf - . | tar -C "$ctx/vllm_fleet" -xf -
+"$repo/images/stage_vllm_fleet.sh" "$ctx"
 
 start=$(date +%s)
 docker build --build-arg "BASE_IMAGE=$base" -t "$tag" "$ctx" >&2

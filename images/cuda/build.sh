@@ -17,10 +17,7 @@ base="${VLLM_BASE_IMAGE:-vllm/vllm-openai:v0.24.0}"
 [ -f "$repo/images/vllm_fleet/pyproject.toml" ] || { echo "build.sh: images/vllm_fleet/pyproject.toml missing" >&2; exit 2; }
 mkdir -p "$ctx"
 cmp -s "$here/Dockerfile" "$ctx/Dockerfile" || cp "$here/Dockerfile" "$ctx/Dockerfile"
-rm -rf "$ctx/vllm_fleet"
-mkdir -p "$ctx/vllm_fleet"
-tar -C "$repo/images/vllm_fleet" --exclude='__pycache__' --exclude='*.pyc' --exclude='*.egg-info' \
-    --exclude='build' --exclude='dist' --exclude='tests' -cf - . | tar -C "$ctx/vllm_fleet" -xf -
+"$repo/images/stage_vllm_fleet.sh" "$ctx"
 start=$(date +%s)
 docker build --build-arg "VLLM_BASE_IMAGE=$base" -t "$tag" "$ctx" >&2
 echo "build.sh: built $tag in $(( $(date +%s) - start ))s" >&2
