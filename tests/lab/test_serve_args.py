@@ -1,12 +1,15 @@
 """Unit tests for the image entrypoints' argument building (no lab, no vLLM, no Ray needed)."""
 import json
+import socket
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "images" / "vllm_fleet" / "src"))
 
+from vllm_fleet import launch  # noqa: E402
 from vllm_fleet.entrypoints import ray_node, read_env_file, serve  # noqa: E402
 
 
@@ -16,8 +19,15 @@ def ray_cmd(argv, env):
 
 
 def serve_cmd(argv, env):
+    """Build without writing state (as --dry-run)."""
     args = serve.parser().parse_args(argv)
     return serve.build_command(args, env)
+
+
+def serve_cmd_w(argv, env):
+    """Build as fleet-serve does before exec: ports reserved in launch.json (pass --state-dir)."""
+    args = serve.parser().parse_args(argv)
+    return serve.build_command(args, env, write_state=True)
 
 
 def flags(argv):
@@ -189,9 +199,149 @@ def test_serve_dry_run_redacts_key(tmp_path, capsys):
     assert out["env"]["VLLM_API_KEY"] == "<redacted>" and "s3cret" not in json.dumps(out)
 
 
-def test_launch_json(tmp_path):
-    _, env, info = serve_cmd(["--state-dir", str(tmp_path), "--launch-id", "lab-1-x"], BASE)
-    path = serve.write_launch_json(info, env)
-    doc = json.loads(Path(path).read_text())
+def test_launch_json_through_ensure_launch(tmp_path):
+    argv, env, info = serve_cmd_w(["--state-dir", str(tmp_path), "--launch-id", "lab-1-x"], BASE)
+    path = tmp_path / "launches" / "lab-1-x" / "launch.json"
+    assert info["launch_json"] == str(path)
+    doc = json.loads(path.read_text())
     assert doc["launch_id"] == "lab-1-x" and doc["deployment"] == "lab"
-    assert doc["ports"] == {"api": 8000} and set(doc) >= {"host", "created"}
+    assert set(doc) >= {"host", "created"} and doc["ports"] == info["ports"]
+    ports = doc["ports"]
+    assert ports["api"] == 8000
+    # the launch's block: the hashed one unless something here holds one of its ports
+    base = launch.base_port("lab-1-x")
+    assert ports["master"] == base or not all(
+        launch.port_is_free(p) for p in launch.expand(launch.block_ports(base)))
+    assert {n: ports[n] - ports["master"] for n in launch.PORT_NAMES} == launch.OFFSETS
+    # vLLM gets the derived ports through its own variables
+    assert env["VLLM_PORT"] == str(ports["vllm"]) and env["VLLM_DP_MASTER_PORT"] == str(
+        ports["dp_master"])
+    assert env["MASTER_PORT"] == str(ports["master"])
+    assert env["VLLM_FLEET_FABRIC_PORT"] == str(ports["fabric"])
+    # the dp_master run (vLLM keeps VLLM_DP_MASTER_PORT..+9 out of its picks) and the VLLM_PORT
+    # run must not overlap, or vLLM would skip its whole VLLM_PORT run
+    assert not set(range(ports["dp_master"], ports["dp_master"] + 10)) & set(
+        range(ports["vllm"], ports["vllm"] + launch.VLLM_PORT_SPAN))
+    assert "--master-port" not in flags(argv)  # single node: vLLM uses no master port
+    # the same launch started again (container restart) keeps its ports
+    _, _, again = serve_cmd_w(["--state-dir", str(tmp_path), "--launch-id", "lab-1-x"], BASE)
+    assert again["ports"] == ports
+
+
+def test_dry_run_derives_ports_but_writes_nothing(tmp_path, capsys):
+    serve.main(["--dry-run", "--state-dir", str(tmp_path), "--launch-id", "lab-2-y"],
+               dict(BASE, FLEET_FABRIC_ENV="/none"))
+    out = json.loads(capsys.readouterr().out)
+    assert out["info"]["launch_json"] is None and not (tmp_path / "launches").exists()
+    assert out["env"]["VLLM_PORT"] == str(out["info"]["ports"]["vllm"])
+
+
+def _colliding_ids(prefix):
+    seen = {}
+    for i in range(5000):
+        lid = f"{prefix}-{i}"
+        b = launch.base_port(lid)
+        if b in seen:
+            return seen[b], lid
+        seen[b] = lid
+    raise AssertionError("no colliding launch ids")
+
+
+def test_two_launches_on_one_node_get_disjoint_ports(tmp_path):
+    a, b = _colliding_ids("lab-170000")  # same hashed block: the walk must separate them
+    _, env_a, info_a = serve_cmd_w(["--state-dir", str(tmp_path), "--launch-id", a,
+                                    "--port", "8001"], BASE)
+    _, env_b, info_b = serve_cmd_w(["--state-dir", str(tmp_path), "--launch-id", b,
+                                    "--port", "8002"], BASE)
+    assert not launch.expand(info_a["ports"]) & launch.expand(info_b["ports"])
+    assert env_a["VLLM_PORT"] != env_b["VLLM_PORT"]
+    assert (tmp_path / "launches" / a / "launch.json").exists()
+    assert (tmp_path / "launches" / b / "launch.json").exists()
+
+
+def test_relaunch_does_not_wait_on_a_port_the_dead_launch_still_holds(tmp_path):
+    dead, new = _colliding_ids("lab-170001")
+    _, _, info_dead = serve_cmd_w(["--state-dir", str(tmp_path), "--launch-id", dead], BASE)
+    # the dead launch is old and has no process left, but an orphan still holds its VLLM_PORT
+    path = tmp_path / "launches" / dead / "launch.json"
+    doc = json.loads(path.read_text())
+    doc["created"] -= 3600
+    path.write_text(json.dumps(doc))
+    with socket.socket() as held:
+        held.bind(("0.0.0.0", info_dead["ports"]["vllm"]))
+        held.listen()
+        _, env, info = serve_cmd_w(["--state-dir", str(tmp_path), "--launch-id", new], BASE)
+    assert info_dead["ports"]["vllm"] not in launch.expand(info["ports"])
+    assert int(env["VLLM_PORT"]) != info_dead["ports"]["vllm"]
+
+
+MULTI = dict(BASE, FLEET_ENGINE="cpu", FLEET_PIPELINE_PARALLEL_SIZE="2", FLEET_NNODES="2",
+             FLEET_MASTER_ADDR="172.28.20.11", VLLM_FLEET_LAUNCH_ID="lab-1700000000-mn1")
+
+
+def test_multinode_master_port_is_derived_the_same_on_every_node(tmp_path):
+    lid = MULTI["VLLM_FLEET_LAUNCH_ID"]
+    shared = launch.shared_port(lid, "master")
+    node0, node1 = tmp_path / "node0", tmp_path / "node1"
+    # node 1's own block is busy (another live launch reserved it, and a port of it is bound):
+    # its local ports walk elsewhere, but the master port it connects to does not
+    hashed = launch.block_ports(launch.base_port(lid))
+    other = node1 / "launches" / "lab-other" / "launch.json"
+    other.parent.mkdir(parents=True)
+    other.write_text(json.dumps({"launch_id": "lab-other", "deployment": "lab", "host": "node1",
+                                 "created": time.time(), "ports": {"vllm": hashed["vllm"]}}))
+    with socket.socket() as held:
+        held.bind(("0.0.0.0", hashed["dp_master"]))
+        argv1, env1, info1 = serve_cmd_w(["--node-rank", "1", "--state-dir", str(node1)],
+                                         dict(MULTI, FLEET_NODE_NAME="node1"))
+    argv0, env0, info0 = serve_cmd_w(["--node-rank", "0", "--state-dir", str(node0)],
+                                     dict(MULTI, FLEET_NODE_NAME="node0"))
+    assert flags(argv0)["--master-port"] == flags(argv1)["--master-port"] == str(shared)
+    assert info0["ports"]["master"] == info1["ports"]["master"] == shared
+    assert env0["MASTER_PORT"] == env1["MASTER_PORT"] == str(shared)
+    assert int(env1["VLLM_PORT"]) != hashed["vllm"]  # node 1 walked for its local ports
+    assert not set(range(hashed["vllm"], hashed["vllm"] + 16)) & launch.expand(
+        {k: v for k, v in info1["ports"].items() if k != "master"})
+    assert "api" not in info1["ports"] and info0["ports"]["api"] == 8000  # headless: no API
+    saved = json.loads((node1 / "launches" / lid / "launch.json").read_text())
+    assert saved["ports"]["master"] == shared
+
+
+def test_multinode_rank0_fails_naming_the_port_when_the_derived_master_is_busy(tmp_path):
+    lid = MULTI["VLLM_FLEET_LAUNCH_ID"]
+    shared = launch.shared_port(lid, "master")
+    with socket.socket() as held:
+        held.bind(("0.0.0.0", shared))
+        held.listen()
+        with pytest.raises(ValueError) as exc:
+            serve_cmd_w(["--node-rank", "0", "--state-dir", str(tmp_path)],
+                        dict(MULTI, FLEET_NODE_NAME="node0"))
+        # rank 1 does not bind it and is not checked
+        serve_cmd_w(["--node-rank", "1", "--state-dir", str(tmp_path / "n1")], MULTI)
+    msg = str(exc.value)
+    assert f"master port {shared}" in msg and "host node0" in msg and lid in msg
+    assert "FLEET_MASTER_PORT" in msg
+    assert not (tmp_path / "launches" / lid).exists()  # nothing written for a refused launch
+
+
+def test_multinode_explicit_master_port_wins_on_every_node(tmp_path):
+    with socket.socket() as held:  # explicit: not checked (the cleanup may still free it)
+        held.bind(("0.0.0.0", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        env = dict(MULTI, FLEET_MASTER_PORT=str(port))
+        argv0, env0, info0 = serve_cmd_w(["--node-rank", "0", "--state-dir", str(tmp_path)], env)
+    argv1, _, _ = serve_cmd_w(["--node-rank", "1", "--state-dir", str(tmp_path / "n1")], env)
+    assert flags(argv0)["--master-port"] == flags(argv1)["--master-port"] == str(port)
+    assert info0["ports"]["master"] == port and env0["MASTER_PORT"] == str(port)
+    saved = json.loads((tmp_path / "launches" / MULTI["VLLM_FLEET_LAUNCH_ID"] /
+                        "launch.json").read_text())
+    assert saved["ports"]["master"] == port
+    # 0 / empty: derived
+    argv, _, _ = serve_cmd(["--node-rank", "1"], dict(MULTI, FLEET_MASTER_PORT="0"))
+    assert flags(argv)["--master-port"] == str(launch.shared_port(MULTI["VLLM_FLEET_LAUNCH_ID"]))
+
+
+def test_explicit_vllm_port_in_the_environment_is_kept(tmp_path):
+    _, env, info = serve_cmd_w(["--state-dir", str(tmp_path)], dict(BASE, VLLM_PORT="31000"))
+    assert env["VLLM_PORT"] == "31000" and info["ports"]["vllm"] == 31000

@@ -6,6 +6,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from conftest import SRC, child_env
 from vllm_fleet import launch
 
@@ -104,3 +106,53 @@ def test_cli_prints_env_for_the_entrypoint(state_dir):
     assert env["VLLM_PORT"] == str(doc["ports"]["vllm"])
     assert env["MASTER_PORT"] == str(doc["ports"]["master"])
     assert env["VLLM_FLEET_LAUNCH_ID"] == "dep-9" and env["VLLM_FLEET_DEPLOYMENT"] == "dep"
+
+
+def test_block_layout_keeps_vllm_run_clear_of_the_dp_master_range():
+    ports = launch.block_ports(launch.base_port("dep-layout"))
+    # vLLM skips VLLM_DP_MASTER_PORT..+9 when it picks ports from VLLM_PORT upward
+    dp_reserved = set(range(ports["dp_master"], ports["dp_master"] + 10))
+    vllm_run = set(range(ports["vllm"], ports["vllm"] + launch.VLLM_PORT_SPAN))
+    assert not dp_reserved & vllm_run
+    assert {ports["master"], ports["fabric"]}.isdisjoint(dp_reserved | vllm_run)
+    assert max(launch.expand(ports)) < ports["master"] + launch.BLOCK  # blocks never overlap
+
+
+def test_shared_port_is_the_hashed_slot_without_a_walk():
+    lid = "dep-shared"
+    assert launch.shared_port(lid) == launch.block_ports(launch.base_port(lid))["master"]
+    assert launch.shared_port(lid, "fabric") == launch.shared_port(lid) + 1
+
+
+def test_fixed_port_to_bind_must_be_free_and_unreserved(state_dir, monkeypatch):
+    monkeypatch.setenv("FLEET_NODE_NAME", "node0")
+    a, b = _find_colliding_ids()
+    doc_a = launch.ensure_launch(a, "dep")
+    taken_by_a = doc_a["ports"]["vllm"] + 3
+    with pytest.raises(launch.PortBusy, match=f"port {taken_by_a} of launch {b} on host node0 is "
+                                              "reserved by another live launch"):
+        launch.ensure_launch(b, "dep", fixed={"master": taken_by_a}, bind_fixed=["master"])
+    with socket.socket() as s:
+        s.bind(("0.0.0.0", 0))
+        s.listen()
+        busy = s.getsockname()[1]
+        with pytest.raises(launch.PortBusy, match="already bound"):
+            launch.ensure_launch(b, "dep", fixed={"master": busy}, bind_fixed=["master"])
+        # the same port fixed but not bound here (a peer connects to it): accepted and recorded
+        doc = launch.ensure_launch(b, "dep", fixed={"master": busy})
+    assert doc["ports"]["master"] == busy
+    assert busy not in launch.expand({k: v for k, v in doc["ports"].items() if k != "master"})
+
+
+def test_fixed_shared_master_keeps_the_hashed_block(state_dir):
+    lid = "dep-fixed-1"
+    doc = launch.ensure_launch(lid, "dep", fixed={"master": launch.shared_port(lid)},
+                               bind_fixed=["master"], is_free=lambda p: True)
+    assert doc["ports"] == launch.block_ports(launch.base_port(lid))
+
+
+def test_write_false_computes_without_touching_the_state_root(tmp_path, monkeypatch):
+    root = tmp_path / "absent"
+    monkeypatch.setenv("VLLM_FLEET_STATE_DIR", str(root))
+    doc = launch.ensure_launch("dep-dry", "dep", write=False)
+    assert set(launch.PORT_NAMES) <= set(doc["ports"]) and not root.exists()

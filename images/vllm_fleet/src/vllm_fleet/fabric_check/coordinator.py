@@ -23,8 +23,8 @@ class FabricTimeout(RuntimeError):
 
 def fabric_port(launch_id: str) -> int:
     """Same on every node without a free-port walk (peers cannot see the master's ports): the
-    'fabric' slot of the launch id's hashed block (launch.py)."""
-    return launch_mod.block_ports(launch_mod.base_port(launch_id))["fabric"]
+    'fabric' slot of the launch id's hashed block (launch.shared_port)."""
+    return launch_mod.shared_port(launch_id, "fabric")
 
 
 def _iface_addr(ifname: str | None) -> str | None:
