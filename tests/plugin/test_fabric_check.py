@@ -1,7 +1,10 @@
 """Fabric check over localhost with 2 Gloo processes, and its timeout paths (never hangs)."""
 import json
+import os
+import signal
 import socket
 import subprocess
+import threading
 import time
 
 from conftest import child_env
@@ -76,15 +79,64 @@ def test_missing_node_times_out_naming_it(torch_py):
     assert elapsed < 60
 
 
-def test_hung_rank_is_named_by_its_peer(torch_py):
-    t0 = time.time()
-    r = subprocess.run(_cmd(torch_py, "--nproc-per-node", "2", "--launch-id", "fc-hang",
-                            "--master-port", str(_free_port()), "--timeout", "4",
-                            "--max-size", "1K"),
-                       capture_output=True, text=True, timeout=120,
-                       env=child_env(VLLM_FLEET_FABRIC_TEST_HANG_RANK=1))
-    elapsed = time.time() - t0
-    assert r.returncode == 124, r.stdout + r.stderr
-    line = next(x for x in r.stderr.splitlines() if x.startswith("FABRIC CHECK TIMEOUT: rank 0"))
-    assert "behind: rank 1 on node 0" in line and "interface lo" in line
-    assert elapsed < 60
+def _read_lines(stream, sink):
+    for line in stream:
+        sink.append(line)
+
+
+def test_stopped_rank_is_named_and_every_node_ends_within_the_hard_timeout(torch_py):
+    """A rank frozen for real (SIGSTOP) in the middle of the check, on the second of two nodes:
+    its peer names it (node, rank, interface, not responding) and exits 124; its own node's
+    launcher names it as stopped and ends too; both within the hard timeout, never hanging."""
+    timeout = 4
+    port = _free_port()
+    common = ["--nnodes", "2", "--nproc-per-node", "1", "--launch-id", "fc-stop",
+              "--master-port", str(port), "--timeout", str(timeout), "--max-size", "64M"]
+    env = child_env(FLEET_NODE_NAME="fabhost")
+    nodes, out, stopped = [], {0: [], 1: []}, None
+    try:
+        for rank in (0, 1):
+            p = subprocess.Popen(_cmd(torch_py, "--node-rank", str(rank), *common), env=env,
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            nodes.append(p)
+            for stream in (p.stdout, p.stderr):
+                threading.Thread(target=_read_lines, args=(stream, out[rank]), daemon=True).start()
+        deadline = time.time() + 120
+        while stopped is None and time.time() < deadline:
+            ready = [x for x in out[1] if x.startswith("fabric check: rank 1 on node 1")]
+            if ready:
+                stopped = int(ready[0].split(" pid ")[1].split()[0])
+                os.kill(stopped, signal.SIGSTOP)  # frozen inside the sweep (64 MiB sizes)
+                break
+            assert all(p.poll() is None for p in nodes), "".join(out[0] + out[1])
+            time.sleep(0.02)
+        assert stopped, "rank 1 never reported ready:\n" + "".join(out[0] + out[1])
+        t_stop = time.time()
+        hard = timeout + launcher.HARD_EXTRA_S
+        for p in nodes:
+            p.wait(timeout=hard + launcher.SILENT_S + 30)
+        took = time.time() - t_stop
+        text0, text1 = "".join(out[0]), "".join(out[1])
+        assert nodes[0].returncode == 124, text0
+        assert nodes[1].returncode == 124, text1
+        assert "RESULT: OK" not in text0
+        peer = next(x for x in out[0] if x.startswith("FABRIC CHECK TIMEOUT: rank 0 on node 0"))
+        blamed = peer.split("behind: ", 1)[1]
+        assert blamed.startswith("rank 1 on node 1 (fabhost, interface lo"), peer
+        assert "not responding" in blamed and "still at: " in blamed, peer
+        assert f"(step timeout {timeout}s)" in peer, peer
+        own = next(x for x in out[1] if x.startswith("FABRIC CHECK TIMEOUT: rank 1 on node 1"))
+        assert "interface lo" in own and f"pid {stopped}" in own and "stopped" in own, own
+        # the stuck node's launcher gives up after the hard timeout; the peer after the group's
+        assert hard <= took < hard + launcher.SILENT_S + 15, took
+        print(f"SIGSTOP timeout path: both nodes ended {took:.1f}s after the stop\n{peer}{own}")
+    finally:
+        if stopped:
+            try:
+                os.kill(stopped, signal.SIGCONT)
+            except OSError:
+                pass
+        for p in nodes:
+            if p.poll() is None:
+                p.kill()
+                p.wait(10)

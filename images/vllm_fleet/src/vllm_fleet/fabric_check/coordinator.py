@@ -136,18 +136,39 @@ class Coordinator:
     def set_progress(self, step: int, what: str) -> None:
         self.store.set(f"progress/{self.rank}", json.dumps([step, what]))
 
-    def laggards(self, step: int, store=None) -> list[str]:
-        """Ranks whose last recorded step is behind ``step`` (called after a timeout)."""
+    def beat(self, store) -> None:
+        """One heartbeat of this rank (a counter, so no clocks are compared across nodes)."""
+        store.add(f"beat/{self.rank}", 1)
+
+    def beats(self, store) -> dict[int, int]:
+        out = {}
+        for r in range(self.world_size):
+            try:
+                out[r] = int(store.add(f"beat/{r}", 0))
+            except Exception:
+                out[r] = -1
+        return out
+
+    def laggards(self, step: int, store=None, silent: tuple = (), silent_s: float = 0.0
+                 ) -> list[str]:
+        """Ranks that are behind ``step``, or in ``silent`` (no heartbeat for ``silent_s``: a
+        frozen process or a node cut off while inside the same step). Called after a timeout."""
         store = self.store if store is None else store
         out = []
         for r in range(self.world_size):
+            tags = []
+            if r in silent:
+                tags.append(f"not responding: no heartbeat for {silent_s:.0f}s "
+                            "(frozen, stopped or cut off)")
             try:
                 if not store.check([f"progress/{r}"]):
-                    out.append(self.describe(r, store) + " [no progress]")
-                    continue
-                their, what = json.loads(store.get(f"progress/{r}"))
-                if their < step:
-                    out.append(self.describe(r, store) + f" [still at: {what}]")
+                    tags.append("no progress")
+                else:
+                    their, what = json.loads(store.get(f"progress/{r}"))
+                    if their < step or r in silent:
+                        tags.append(f"still at: {what}")
             except Exception:
-                out.append(self.describe(r, store) + " [unknown]")
+                tags.append("unknown")
+            if tags:
+                out.append(self.describe(r, store) + " [" + "; ".join(tags) + "]")
         return out

@@ -1,9 +1,13 @@
 """Launcher (RFC): one process per device on this node, each told launch_id, world_size,
 local_world_size, rank, local_rank, master_addr and master_port; plus what each rank runs.
 
-Never hangs: every rank arms a hard timer per step; when it fires, the rank prints the step and
-the ranks that are behind it (node, host, interface from the coordinator) and exits 124. The
-launcher kills any child that outlives the overall budget.
+Never hangs: every rank arms a hard timer per step and sends a heartbeat to the coordinator (its
+own connection, every BEAT_S). When a step times out (the timer, or the process group's own
+timeout inside a collective), the rank prints the step, the ranks that are behind it and the ranks
+whose heartbeat stopped (frozen, stopped or cut off, even inside the same collective), each with
+node, host and interface from the coordinator, and exits 124. The launcher kills a child that has
+been stopped (SIGSTOP, a debugger, a frozen cgroup) longer than the hard timeout, naming it, and
+any child that outlives the overall budget.
 """
 
 from __future__ import annotations
@@ -11,11 +15,15 @@ from __future__ import annotations
 import json
 import multiprocessing as mp
 import os
+import socket
 import sys
 import threading
 import time
 
 EXIT_OK, EXIT_FAIL, EXIT_TIMEOUT = 0, 1, 124
+BEAT_S = 0.5  # heartbeat period; a rank silent for 4 periods is named as not responding
+SILENT_S = 4 * BEAT_S
+HARD_EXTRA_S = 5.0  # the hard timer fires this long after the step timeout (the pg timeout first)
 
 
 def default_sizes(max_bytes: int, min_bytes: int = 8) -> list[int]:
@@ -38,13 +46,26 @@ class _HardTimer:
     def __init__(self, coord, timeout_s: float):
         self.coord, self.timeout_s = coord, timeout_s
         self.step, self.what, self.deadline = 0, "start", time.monotonic() + timeout_s
+        self.started = time.monotonic()
         self._stop = threading.Event()
         threading.Thread(target=self._run, daemon=True, name="fabric-hard-timeout").start()
+        threading.Thread(target=self._beat, daemon=True, name="fabric-heartbeat").start()
+
+    def _beat(self) -> None:
+        try:
+            store = self.coord.side_store()  # a TCPStore client is not thread-safe: our own
+            while True:
+                self.coord.beat(store)
+                if self._stop.wait(BEAT_S):
+                    return
+        except Exception:
+            return  # coordinator gone (the check ended, or node 0 is cut off): nothing to tell
 
     def enter(self, what: str) -> None:
         self.step += 1
         self.what = what
-        self.deadline = time.monotonic() + self.timeout_s
+        self.started = time.monotonic()
+        self.deadline = self.started + self.timeout_s
         try:
             self.coord.set_progress(self.step, what)
         except Exception:
@@ -58,23 +79,29 @@ class _HardTimer:
                 self.fire()
 
     def fire(self, detail: str = "") -> None:
+        elapsed = time.monotonic() - self.started
         result: list = []
 
         def ask():
             side = self.coord.side_store()  # own connection: the main thread may be inside one
+            before = self.coord.beats(side)
+            time.sleep(SILENT_S)
+            after = self.coord.beats(side)
+            silent = tuple(r for r in after if r != self.coord.rank and after[r] == before[r])
             result.append((self.coord.describe(self.coord.rank, side),
-                           self.coord.laggards(self.step, side)))
+                           self.coord.laggards(self.step, side, silent, SILENT_S)))
 
         t = threading.Thread(target=ask, daemon=True)
         t.start()
-        t.join(3.0)
+        t.join(SILENT_S + 6.0)
         me, behind = result[0] if result else (
             f"rank {self.coord.rank} on node {self.coord.node_rank} ({self.coord.host}, interface "
             f"{self.coord.ifname or '?'})",
             [f"coordinator at {self.coord.master_addr}:{self.coord.master_port} (node 0) "
              "unreachable"])
-        msg = (f"FABRIC CHECK TIMEOUT: {me} gave up after {self.timeout_s:.0f}s in "
-               f"'{self.what}'{': ' + detail if detail else ''}; behind: "
+        msg = (f"FABRIC CHECK TIMEOUT: {me} gave up after {elapsed:.1f}s "
+               f"in '{self.what}' (step timeout {self.timeout_s - HARD_EXTRA_S:.0f}s)"
+               f"{': ' + detail if detail else ''}; behind: "
                f"{'; '.join(behind) or 'none (peer failed inside the collective)'}")
         print(msg, file=sys.stderr, flush=True)
         os._exit(EXIT_TIMEOUT)
@@ -127,7 +154,7 @@ def run_rank(cfg: dict) -> int:
     except FabricTimeout as exc:
         print(f"FABRIC CHECK TIMEOUT: {exc}", file=sys.stderr, flush=True)
         return EXIT_TIMEOUT
-    timer = _HardTimer(coord, cfg["timeout_s"] + 5)
+    timer = _HardTimer(coord, cfg["timeout_s"] + HARD_EXTRA_S)
     try:
         timer.enter("join")
         coord.barrier("join")
@@ -135,9 +162,8 @@ def run_rank(cfg: dict) -> int:
         comm = Communicator(coord, cfg["backend"])
         n = coord.world_size
         all_ranks = list(range(n))
-        if os.environ.get("VLLM_FLEET_FABRIC_TEST_HANG_RANK") == str(coord.rank):
-            timer.stop()  # fault injection for the timeout test only: a frozen / cut-off rank
-            time.sleep(10 * cfg["timeout_s"])
+        print(f"fabric check: {coord.describe(coord.rank)} pid {os.getpid()} ready "
+              f"({comm.backend})", file=sys.stderr, flush=True)
         rows, ok_all = [], True
         for size in cfg["sizes"]:
             timer.enter(f"all_reduce {size} B over {n} ranks")
@@ -232,31 +258,60 @@ def _child(cfg: dict) -> None:
     sys.exit(run_rank(cfg))
 
 
+def _proc_state(pid: int) -> str:
+    """One-letter process state from /proc (T: stopped, t: traced, Z: zombie); '' if gone."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="utf-8", errors="replace") as fh:
+            data = fh.read()
+        return data[data.rindex(")") + 2]
+    except (OSError, ValueError, IndexError):
+        return ""
+
+
 def launch_local(base: dict, nproc_per_node: int, node_rank: int, nnodes: int) -> int:
     """Direct launcher: ``nproc_per_node`` spawned processes; returns the worst exit code."""
     ctx = mp.get_context("spawn")
     world = nnodes * nproc_per_node
+    host = os.environ.get("FLEET_NODE_NAME") or socket.gethostname()
     procs = []
     for lr in range(nproc_per_node):
         cfg = dict(base, rank=node_rank * nproc_per_node + lr, world_size=world, local_rank=lr,
                    local_world_size=nproc_per_node, node_rank=node_rank)
-        p = ctx.Process(target=_child, args=(cfg,), name=f"fabric-rank{cfg['rank']}")
+        p = ctx.Process(target=_child, args=(cfg,), name=f"rank {cfg['rank']}")
         p.start()
         procs.append(p)
     # budget: every step has its own timer inside the ranks; this only catches a wedged process
     budget = base["timeout_s"] * (len(base["sizes"]) + 4 + nnodes * nnodes) + 30
     deadline = time.monotonic() + budget
+    hard_s = base["timeout_s"] + HARD_EXTRA_S
+    stopped_since: dict[int, float] = {}
+    worst = EXIT_OK
     while time.monotonic() < deadline and any(p.is_alive() for p in procs):
         if any(p.exitcode == EXIT_TIMEOUT for p in procs):
             # one rank already named the culprit; the rest would only wait on the same peer
             for p in procs:
                 p.join(2.0)
             break
+        now = time.monotonic()
+        for p in procs:
+            # a stopped rank cannot fire its own timer (all its threads are stopped): name it here
+            if p.is_alive() and _proc_state(p.pid) in ("T", "t"):
+                since = stopped_since.setdefault(p.pid, now)
+                if now - since > hard_s:
+                    print(f"FABRIC CHECK TIMEOUT: {p.name} on node {node_rank} ({host}, interface "
+                          f"{base.get('ifname') or '?'}, pid {p.pid}) has been stopped (SIGSTOP, a "
+                          f"debugger or a frozen cgroup) for {now - since:.0f}s; killed",
+                          file=sys.stderr, flush=True)
+                    p.kill()
+                    p.join(5)
+                    worst = EXIT_TIMEOUT
+            else:
+                stopped_since.pop(p.pid, None)
         time.sleep(0.1)
-    worst = EXIT_OK
     for p in procs:
         if p.is_alive():
-            print(f"FABRIC CHECK TIMEOUT: {p.name} on node {node_rank} still running; killed",
+            print(f"FABRIC CHECK TIMEOUT: {p.name} on node {node_rank} ({host}, interface "
+                  f"{base.get('ifname') or '?'}, pid {p.pid}) still running; killed",
                   file=sys.stderr, flush=True)
             p.kill()
             p.join(5)
