@@ -252,6 +252,12 @@ def build_command(args, env, write_state=False):
     doc, written = launch_ports(launch_id, deployment, out, nnodes, node_rank, master_port, port,
                                 headless, write_state)
     out.update(fleet_launch.port_env(doc))
+    if executor == "ray":
+        # vLLM 0.24's Ray executor (ray_executor_v2) takes two ports with get_open_port() in the
+        # driver before either is bound (rank 0's TCPStore, then its broadcast queue): with
+        # VLLM_PORT set both get VLLM_PORT and rank 0 dies with EADDRINUSE (2x H200, see
+        # docs/benchmarks/2026-11-21-h200x2-ray-pp.md). Unset, vLLM picks distinct free ports.
+        out.pop("VLLM_PORT", None)
 
     argv = [sys.executable or "python3"] + list(HEADLESS if headless else API_SERVER)
     argv += ["--model", model]
