@@ -9,6 +9,7 @@ import uuid
 
 import pytest
 
+from conftest import child_env
 from vllm_fleet import cleanup
 
 # A process that creates a real SharedMemory segment (psm_*) and a real POSIX semaphore
@@ -76,16 +77,75 @@ def test_ipc_sockets_and_filestore_files(tmp_path):
     store_dead = tmp_path / "vllm_dist_bbbb2222"
     store_open.write_text("")
     store_dead.write_text("")
+    store_young = tmp_path / "vllm_dist_cccc3333"  # a rendezvous in progress: not held open
+    store_young.write_text("")
+    old = time.time() - cleanup.STORE_AGE_S - 60
+    for p in (store_open, store_dead):
+        os.utime(p, (old, old))
     fh = open(store_open)
     try:
         found = cleanup.stale_ipc([str(tmp_path)], cleanup.bound_unix_sockets(),
                                   cleanup.files_in_use(), 0.0, time.time())
         assert stale_path in found and str(store_dead) in found
         assert live_path not in found and str(store_open) not in found
-        assert str(not_a_socket) not in found
+        assert str(not_a_socket) not in found and str(store_young) not in found
     finally:
         fh.close()
         live_sock.close()
+
+
+# One rank of a real gloo rendezvous through a FileStore (vLLM's CPU workers initialise this way).
+RANK = r"""
+import datetime, sys, torch, torch.distributed as dist
+path, rank = sys.argv[1], int(sys.argv[2])
+dist.init_process_group("gloo", init_method="file://" + path, rank=rank, world_size=2,
+                        timeout=datetime.timedelta(seconds=40))
+t = torch.ones(1)
+dist.all_reduce(t)
+print(int(t.item()), flush=True)
+"""
+
+
+def test_filestore_of_a_rendezvous_in_progress_survives_another_launchs_cleanup(torch_py,
+                                                                               tmp_path):
+    """Launch X's ranks rendezvous through a FileStore while one rank is still loading; launch
+    Y's startup cleanup runs meanwhile. The file is closed between FileStore operations, so
+    'nobody has it open' holds for a live rendezvous: only its age may mark it stale."""
+    path = tmp_path / f"vllm_dist_{uuid.uuid4().hex}"
+    env = child_env()
+    ranks = [subprocess.Popen([torch_py, "-c", RANK, str(path), "0"], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)]
+    try:
+        deadline = time.time() + 120
+        while not path.exists() and time.time() < deadline:
+            assert ranks[0].poll() is None, ranks[0].communicate()[1]
+            time.sleep(0.1)
+        assert path.exists(), "rank 0 never created its FileStore"
+        time.sleep(1.5)  # older than the grace period used below
+        # the in-use rule alone would remove it (the old behaviour): rank 0 rarely has it open
+        listed = False
+        for _ in range(50):
+            listed = str(path) in cleanup.stale_ipc([str(tmp_path)], set(), cleanup.files_in_use(),
+                                                    1.0, time.time(), store_age_s=0)
+            if listed:
+                break
+            time.sleep(0.05)
+        assert listed, "a live rendezvous' FileStore looked in use every time"
+        # the real pass (what launch Y's plugin runs, grace 1 s) keeps it
+        removed = cleanup._remove(cleanup.stale_ipc([str(tmp_path)], cleanup.bound_unix_sockets(),
+                                                    cleanup.files_in_use(), 1.0, time.time()),
+                                  dry_run=False)
+        assert str(path) not in removed and path.exists()
+        ranks.append(subprocess.Popen([torch_py, "-c", RANK, str(path), "1"], env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        for r in ranks:
+            out, err = r.communicate(timeout=90)
+            assert r.returncode == 0 and out.strip() == "2", err[-2000:]
+    finally:
+        for r in ranks:
+            if r.poll() is None:
+                r.kill()
+                r.wait(10)
 
 
 # A process that starts a grandchild with the given fleet markers and exits, so the grandchild

@@ -20,7 +20,12 @@ Ownership rules (nothing that may still be in use is touched):
     that can share /dev/shm: fleet containers run with the host's pid namespace (see
     docs/plugin.md); VLLM_FLEET_CLEANUP_SHM=0 turns this part off where that is not so;
   * an IPC socket file is removed only if no socket in this network namespace is bound to it
-    (/proc/net/unix) and it is older than the grace period.
+    (/proc/net/unix) and it is older than the grace period;
+  * a ``vllm_dist_*`` FileStore file is removed only if nobody has it open AND it has not been
+    written for STORE_AGE_S (1 h): torch's FileStore opens the file per operation and closes it
+    again, so a launch whose ranks are still rendezvousing (one rank loading slowly) holds it
+    open almost never, and deleting it loses the keys already written: that launch hangs in
+    its distributed init. Every launch uses a new file name, so an old file is only litter.
 
 Run by the plugin once per launch in the first process that loads it (the API server), before
 the engine starts, or explicitly: ``python -m vllm_fleet.cleanup [--dry-run]``.
@@ -50,6 +55,7 @@ SHM_PATTERNS = (re.compile(r"^psm_[0-9a-f]+$"), re.compile(r"^sem\..+"),
 IPC_SOCKET_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 DIST_FILE_RE = re.compile(r"^vllm_dist_[0-9a-f]+$")
 GRACE_S = 5.0
+STORE_AGE_S = 3600.0  # vllm_dist_* FileStore files: see the module docstring
 
 
 @dataclasses.dataclass
@@ -266,8 +272,9 @@ def stale_shm(shm_dir: str, in_use, grace_s: float, now: float) -> list[str]:
 
 
 def stale_ipc(dirs: list[str], bound: set[str], in_use, grace_s: float,
-              now: float) -> list[str]:
-    """zmq ipc socket files nobody is bound to, and FileStore files nobody has open."""
+              now: float, store_age_s: float = STORE_AGE_S) -> list[str]:
+    """zmq ipc socket files nobody is bound to, and FileStore files nobody has open that have
+    not been written for ``store_age_s`` (a live rendezvous does not hold its file open)."""
     import stat as stat_mod
 
     out = []
@@ -286,7 +293,9 @@ def stale_ipc(dirs: list[str], bound: set[str], in_use, grace_s: float,
                 if path not in bound and _old_enough(path, grace_s, now):
                     out.append(path)
             elif DIST_FILE_RE.match(name) and stat_mod.S_ISREG(st.st_mode):
-                if path not in in_use and _old_enough(path, grace_s, now):
+                # age of the last write (mtime); the grace period also covers ctime
+                if path not in in_use and _old_enough(path, grace_s, now) and \
+                        now - st.st_mtime >= store_age_s:
                     out.append(path)
     return out
 
@@ -366,8 +375,9 @@ def run(env: dict | None = None, dry_run: bool = False, grace_s: float | None = 
         report["shm"] = _remove(stale_shm(env.get("VLLM_FLEET_SHM_DIR", SHM_DIR), in_use, grace,
                                           now), dry_run)
     dirs = {env.get("VLLM_RPC_BASE_PATH") or tempfile.gettempdir(), tempfile.gettempdir()}
-    report["ipc"] = _remove(stale_ipc(sorted(dirs), bound_unix_sockets(), in_use, grace, now),
-                            dry_run)
+    store_age = float(env.get("VLLM_FLEET_CLEANUP_STORE_AGE_S", STORE_AGE_S))
+    report["ipc"] = _remove(stale_ipc(sorted(dirs), bound_unix_sockets(), in_use, grace, now,
+                                      store_age), dry_run)
     report["p2p_cache"] = _remove(stale_p2p_caches(env, now), dry_run)
     return report
 
