@@ -356,3 +356,29 @@ def test_ray_launcher_names_the_node_of_a_stopped_rank(ray_cluster):
             if proc.poll() is None:
                 proc.kill()
                 proc.wait(10)
+
+
+@pytest.mark.engine
+def test_ray_launcher_more_nodes_than_the_cluster_has_fails_listing_the_nodes(ray_cluster):
+    r = subprocess.run(_ray_cmd(ray_cluster, "fc-ray-3", "--nnodes", "3", "--ray-timeout", "30"),
+                       capture_output=True, text=True, timeout=120, env=child_env())
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert f"Ray cluster at {ray_cluster[0].address} has 2 node(s)" in r.stderr, r.stderr
+    assert "3 wanted" in r.stderr
+    assert f"{RAY_NET}.2 (" in r.stderr and f"{RAY_NET}.3 (" in r.stderr
+
+
+@pytest.mark.engine
+def test_ray_launcher_gives_up_on_an_unreachable_cluster_naming_it():
+    if not engine_has("ray"):
+        pytest.skip("needs ray in the engine venv (tools/bootstrap.sh engine)")
+    address = f"127.0.0.1:{_free_port()}"  # nothing listens there
+    t0 = time.time()
+    r = subprocess.run([str(ENGINE_PY), "-m", "vllm_fleet.fabric_check.cli", "--launcher", "ray",
+                        "--ray-address", address, "--launch-id", "fc-ray-none",
+                        "--ray-timeout", "8"], capture_output=True, text=True, timeout=120,
+                       env=child_env())
+    took = time.time() - t0
+    assert r.returncode in (1, 124), r.stdout + r.stderr
+    assert address in r.stderr and ("not reachable" in r.stderr or "cannot connect" in r.stderr)
+    assert took < 8 + 40, took

@@ -90,6 +90,8 @@ def parser() -> argparse.ArgumentParser:
                     help="ray launcher: the cluster's GCS address (default RAY_ADDRESS or auto)")
     ap.add_argument("--ray-task-cpus", type=float, default=1.0,
                     help="ray launcher: CPUs of each node's bundle and task")
+    ap.add_argument("--ray-timeout", type=float, default=60.0,
+                    help="ray launcher: seconds to connect, and to place the placement group")
     return ap
 
 

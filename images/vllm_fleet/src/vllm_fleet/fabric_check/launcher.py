@@ -6,7 +6,7 @@ own connection, every BEAT_S). When a step times out (the timer, or the process 
 timeout inside a collective), the rank prints the step, the ranks that are behind it and the ranks
 whose heartbeat stopped (frozen, stopped or cut off, even inside the same collective), each with
 node, host and interface from the coordinator, and exits 124. The launcher kills a child that has
-been stopped (SIGSTOP, a debugger, a frozen cgroup) longer than the hard timeout, naming it, and
+been stopped (state T/t: SIGSTOP, SIGTSTP, a debugger) longer than the hard timeout, naming it, and
 any child that outlives the overall budget.
 """
 
@@ -299,8 +299,8 @@ def launch_local(base: dict, nproc_per_node: int, node_rank: int, nnodes: int) -
                 since = stopped_since.setdefault(p.pid, now)
                 if now - since > hard_s:
                     print(f"FABRIC CHECK TIMEOUT: {p.name} on node {node_rank} ({host}, interface "
-                          f"{base.get('ifname') or '?'}, pid {p.pid}) has been stopped (SIGSTOP, a "
-                          f"debugger or a frozen cgroup) for {now - since:.0f}s; killed",
+                          f"{base.get('ifname') or '?'}, pid {p.pid}) has been stopped (SIGSTOP or "
+                          f"a debugger) for {now - since:.0f}s; killed",
                           file=sys.stderr, flush=True)
                     p.kill()
                     p.join(5)

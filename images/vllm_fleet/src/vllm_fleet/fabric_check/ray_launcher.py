@@ -35,8 +35,6 @@ import time
 
 from .launcher import EXIT_FAIL, EXIT_OK, EXIT_TIMEOUT
 
-CONNECT_TIMEOUT_S = 60.0
-PLACEMENT_TIMEOUT_S = 60.0
 START_SLACK_S = 60.0  # process + torch import on each node, on top of the ranks' own budget
 
 
@@ -115,9 +113,17 @@ def launch_ray(args, make_base) -> int:
         return EXIT_FAIL
     address = args.ray_address
     cpus = args.ray_task_cpus
-    guard = _deadline_guard(CONNECT_TIMEOUT_S, f"Ray cluster at {address} not reachable")
-    ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
-    guard.set()
+    wait_s = args.ray_timeout  # connecting, and placing the placement group
+    guard = _deadline_guard(wait_s, f"Ray cluster at {address} (--ray-address) not reachable")
+    try:
+        ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
+    except Exception as exc:  # wrong address, no cluster, version mismatch
+        print(f"fleet-fabric-check: error: cannot connect to the Ray cluster at {address} "
+              f"(--ray-address / RAY_ADDRESS): {type(exc).__name__}: "
+              f"{str(exc).splitlines()[0] if str(exc) else ''}", file=sys.stderr)
+        return EXIT_FAIL
+    finally:
+        guard.set()
     pg = None
     try:
         alive = [n for n in ray.nodes() if n.get("Alive")]
@@ -139,10 +145,10 @@ def launch_ray(args, make_base) -> int:
         pg = placement_group([dict(bundle) for _ in range(nnodes)], strategy="STRICT_SPREAD",
                              name=f"fabric-check-{args.launch_id}")
         try:
-            ray.get(pg.ready(), timeout=PLACEMENT_TIMEOUT_S)
+            ray.get(pg.ready(), timeout=wait_s)
         except ray.exceptions.GetTimeoutError:
             print(f"FABRIC CHECK TIMEOUT: placement group of {nnodes} x {bundle} (STRICT_SPREAD) "
-                  f"not placed on the Ray cluster at {address} after {PLACEMENT_TIMEOUT_S:.0f}s; "
+                  f"not placed on the Ray cluster at {address} after {wait_s:.0f}s; "
                   f"alive nodes: {_describe_nodes(alive)}", file=sys.stderr, flush=True)
             return EXIT_TIMEOUT
         by_id = {n["NodeID"]: n for n in alive}
