@@ -33,6 +33,8 @@ multi-node ``--master-port`` is what every node must agree on, so it is not walk
 ``launch.shared_port(launch_id)`` from the launch id alone, and rank 0, which binds it, checks
 that it is free (and not reserved by another launch) or fails naming port, host and launch.
 ``VLLM_PORT`` / ``VLLM_DP_MASTER_PORT`` set in the environment are kept (and recorded) as well.
+With the Ray executor ``VLLM_PORT`` is not exported (vLLM 0.24's RayExecutorV2 asks for two ports
+before binding either: a pinned VLLM_PORT gave both the same one); launch.json still records it.
 """
 import argparse
 import json
