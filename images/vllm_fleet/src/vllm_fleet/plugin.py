@@ -152,6 +152,10 @@ def _patch_parallel_state(ps) -> None:
 
         @functools.wraps(orig_ar)
         def _all_reduce_out_place(self, input_):
+            # Inside a torch.compile trace (the CPU engine compiles its forward with dynamo) the
+            # hook's locks and files cannot be traced: the graph gets vLLM's call alone.
+            if _tracing():
+                return orig_ar(self, input_)
             rec = probe.get() if _worker_ready else None
             if rec is None:
                 return orig_ar(self, input_)
@@ -170,12 +174,18 @@ def _patch_parallel_state(ps) -> None:
             ACTIVE[f"watch_{op}"] = f"GroupCoordinator.{op}"
 
 
+def _tracing() -> bool:
+    """True while torch.compile's dynamo traces the caller (a constant inside the trace)."""
+    compiler = getattr(sys.modules.get("torch"), "compiler", None)
+    return bool(compiler is not None and compiler.is_compiling())
+
+
 def _watched(fn, op: str):
     from . import probe, watchdog
 
     @functools.wraps(fn)
     def inner(self, *args, **kwargs):
-        if not _worker_ready:
+        if not _worker_ready or _tracing():
             return fn(self, *args, **kwargs)
         size = 0
         if args and hasattr(args[0], "element_size"):
