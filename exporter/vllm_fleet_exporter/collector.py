@@ -130,6 +130,10 @@ class FleetExporter:
                                  labels=["version"])
         info.add_metric([__version__], 1)
         out.append(info)
+        if self.cfg.gpus_expected is not None:  # also where NVML is off: a GPU-less host states 0
+            e = GaugeMetricFamily(P + "gpus_expected", "GPUs this host should have.")
+            e.add_metric([], self.cfg.gpus_expected)
+            out.append(e)
 
         for name, fn in (("launch_state", self._collect_launch), ("fabric", self._collect_fabric)):
             t0 = time.perf_counter()
@@ -277,10 +281,6 @@ class FleetExporter:
 
     def _collect_nvml(self, job: Job, now: float) -> List[Metric]:
         out: List[Metric] = []
-        if self.cfg.gpus_expected is not None:
-            e = GaugeMetricFamily(P + "gpus_expected", "GPUs this host should have.")
-            e.add_metric([], self.cfg.gpus_expected)
-            out.append(e)
         res = job.fresh(now)
         if res and res.success:
             a = GaugeMetricFamily(P + "nvml_available", "1 when NVML initialised on this host.")

@@ -9,24 +9,12 @@ from pathlib import Path
 import yaml
 from exporter_testlib import full_setup, run_exporter
 
+from tests.grafana_panels import panel_queries
+
 REPO = Path(__file__).resolve().parents[2]
 GRAFANA = REPO / "roles/monitoring/files/grafana"
 DASHBOARD = GRAFANA / "dashboards/vllm-fleet.json"
 RULES = REPO / "roles/monitoring/files/rules/vllm-fleet.rules.yml"
-
-
-def panel_queries(dashboard: dict) -> list:
-    """[(panel title, expr)] over all panels, rows' nested panels included."""
-    out = []
-
-    def walk(panels):
-        for p in panels:
-            for t in p.get("targets") or []:
-                if t.get("expr"):
-                    out.append((p.get("title", ""), t["expr"]))
-            walk(p.get("panels") or [])
-    walk(dashboard.get("panels") or [])
-    return out
 
 
 def test_dashboard_shape():

@@ -117,3 +117,14 @@ def test_bad_config_exits_2(tmp_path):
     p = run_exporter(["--config", str(cfg)], capture=True)
     out, err = p.communicate(timeout=20)
     assert p.returncode == 2 and b"nope" in err
+
+
+def test_gpu_less_host_states_zero_gpus_expected_without_nvml(tmp_path, stub, state_dir):
+    """NVML off (a GPU-less host): no vllm_fleet_gpus reading, but the expectation (0) is exported."""
+    setup = full_setup(tmp_path, stub, state_dir, nvml="off", gpus_expected=0)
+    p = run_exporter(["--config", str(setup["config"]), "--once"], env=dict(setup["env"]), capture=True)
+    out, err = p.communicate(timeout=60)
+    assert p.returncode == 0, err
+    s = parse_exposition(out.decode())
+    assert sample(s, "vllm_fleet_gpus_expected") == 0
+    assert sample(s, "vllm_fleet_gpus") is None and sample(s, "vllm_fleet_nvml_available") is None
