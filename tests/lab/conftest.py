@@ -6,6 +6,8 @@ that finds no lab fails instead of skipping, so a broken lab can never pass as g
 from __future__ import annotations
 
 import configparser
+import json
+import os
 import re
 import subprocess
 from dataclasses import dataclass
@@ -71,17 +73,46 @@ def read_inventory(path: Path = INVENTORY) -> tuple[dict[str, LabHost], dict[str
     return hosts, groups
 
 
+def inventory_vars(path: Path = INVENTORY) -> dict:
+    """`ansible-inventory --list` of the lab: groups and every host's variables, as Ansible sees them."""
+    out = subprocess.run(["ansible-inventory", "-i", str(path), "--list"], cwd=REPO, capture_output=True,
+                         text=True, check=True, timeout=120).stdout
+    return json.loads(out)
+
+
 @pytest.fixture(scope="session")
 def lab():
     if not INVENTORY.exists():
         pytest.fail("no lab: run `python3 tests/lab/lab.py up` (make test-lab does)")
     hosts, groups = read_inventory()
-    return {"hosts": hosts, "groups": groups, "inventory": INVENTORY}
+    return {"hosts": hosts, "groups": groups, "inventory": INVENTORY, "inventory_vars": inventory_vars(),
+            "serving": groups.get("fleet_head", []) + groups.get("fleet_workers", [])}
 
 
 @pytest.fixture(scope="session")
 def deployed_lab(lab):
-    """deploy.yml run once on the lab for the whole session; later tests read the result."""
-    first = run_playbook("deploy.yml")
+    """deploy.yml run once on the lab for the whole session; later tests read the result.
+
+    `make test` runs the cold deploy in the background while the other tiers run and hands its
+    output over in FLEET_LAB_DEPLOY_LOG (only when it succeeded and the inventory did not change
+    since); otherwise this runs deploy.yml itself."""
+    log = os.environ.get("FLEET_LAB_DEPLOY_LOG")
+    if log and Path(log).exists() and Path(log).stat().st_mtime >= INVENTORY.stat().st_mtime:
+        first = PlaybookRun(0, Path(log).read_text())
+    else:
+        first = run_playbook("deploy.yml")
     assert first.rc == 0, first.output[-20000:]
     return dict(lab, first_run=first)
+
+
+# The lab tier shares one deployed lab: read-only checks first, then tests that restart replicas,
+# then the fault tests that kill, cut and restart things (each repairs what it broke).
+LAB_MODULE_ORDER = ["test_lab", "test_provision", "test_serve", "test_monitoring", "test_rolling_restart",
+                    "test_faults"]
+
+
+def pytest_collection_modifyitems(items):
+    def rank(item):
+        name = Path(str(item.fspath)).stem
+        return LAB_MODULE_ORDER.index(name) if name in LAB_MODULE_ORDER else -1
+    items.sort(key=rank)

@@ -10,7 +10,12 @@
 Each host runs systemd and sshd, is reached over SSH as user `fleet` (passwordless sudo) with a
 key generated for the controller, sits on two networks (management = default route, fabric =
 separate subnet) and can run Docker inside (the provision stage installs the engine).
-The last host's fabric NIC is renamed so interface detection is never "eth1 everywhere".
+Host 3's fabric NIC is renamed so interface detection is never "eth1 everywhere".
+
+Layout (inventory written by `up`): replica `a` = node1 (head) + node2 + node3, serving PP=2 on
+node1+node2 across hosts (node3 is a Ray worker of that replica); with 4+ hosts a second replica `b`
+= node4 (head) + node5.. (PP=2 when it has two hosts, else TP=2 inside node4); node3 also runs Prometheus and,
+with two replicas, the HAProxy balancer in front of them. `--hosts 3` gives one replica, no balancer.
 """
 from __future__ import annotations
 
@@ -36,7 +41,8 @@ RENAMED_FABRIC_NIC = "fab0"
 DEPLOY_USER = "fleet"
 LABEL = f"vllm-fleet.lab={PREFIX}"
 DEBOOTSTRAP_PACKAGES = "systemd,systemd-sysv,openssh-server,python3,sudo,iproute2,ca-certificates"
-DEFAULT_HOSTS = 3
+DEFAULT_HOSTS = 4
+RENAMED_NIC_HOST = 3  # a worker: it must find its fabric NIC by route, not by name
 
 
 def log(msg: str) -> None:
@@ -236,18 +242,31 @@ def ssh_command(index: int, key: Path, *remote: str) -> list[str]:
 # --- inventory -----------------------------------------------------------------------------
 
 def inventory_text(count: int, key: Path) -> str:
-    """Same format as inventory.example.ini, for the lab's CPU engine."""
+    """Same format as inventory.example.ini, for the lab's CPU engine (layout: module docstring)."""
+    second = list(range(4, count + 1))  # replica b, when the lab has 4+ hosts
+
     def host_line(i: int) -> str:
         line = f"{host_name(i)} ansible_host={mgmt_ip(i)}"
-        if i == 1:  # the head names its fabric NIC; workers find theirs by route to it
+        if second:
+            line += f" fleet_replica={'b' if i in second else 'a'}"
+        if i in (1, 4):  # a head names its fabric NIC; workers find theirs by route to it
             line += " fleet_fabric_interface=eth1"
+        if i == 4 and len(second) == 1:
+            # A one-host replica: TP=2 inside the host (one core per rank) instead of a pipeline.
+            line += " fleet_tensor_parallel_size=2 fleet_pipeline_parallel_size=1 vllm_serve_cpu_omp_threads_bind='0|1'"
+            # The in-band all-reduce probe every 20 engine steps (default 1000): the lab's few
+            # requests then feed the probe-based latency panels and rules.
+            line += """ vllm_serve_env='{"VLLM_FLEET_PROBE_EVERY_STEPS": "20"}'"""
         # Booleans on host lines: INI [group:vars] values are always strings.
         return line + " fleet_gpu_less=True"
 
-    workers = "\n".join(host_line(i) for i in range(2, count + 1))
-    return f"""# Written by tests/lab/lab.py for the local lab ({count} container hosts). Do not edit.
+    heads = [1] + second[:1]
+    workers = "\n".join(host_line(i) for i in range(2, count + 1) if i not in heads)
+    balancer = host_name(3) if second else ""
+    replicas = "two replicas behind a balancer" if second else "one replica"
+    return f"""# Written by tests/lab/lab.py for the local lab ({count} container hosts, {replicas}). Do not edit.
 [fleet_head]
-{host_line(1)}
+{chr(10).join(host_line(i) for i in heads)}
 
 [fleet_workers]
 {workers}
@@ -257,9 +276,10 @@ fleet_head
 fleet_workers
 
 [fleet_monitoring]
-{host_name(count)}
+{host_name(3)}
 
 [fleet_loadbalancer]
+{balancer}
 
 [fleet_serving:vars]
 fleet_engine=cpu
@@ -280,6 +300,10 @@ fleet_pipeline_parallel_size=2
 fleet_max_model_len=512
 fleet_api_port=8009
 fleet_image=vllm-fleet-cpu:lab
+# Short intervals so a dead engine shows (and alerts) within seconds on the lab.
+exporter_health_interval=2
+monitoring_scrape_interval=5s
+monitoring_evaluation_interval=5s
 """
 
 
@@ -311,7 +335,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     started = time.monotonic()
     count = args.hosts
     if count < 3:
-        raise LabError("--hosts: the lab needs at least 3 hosts (head, worker, spare/monitoring)")
+        raise LabError("--hosts: the lab needs at least 3 hosts (head, worker, worker/monitoring)")
     ensure_docker()
     ensure_base_image()
     ensure_network(MGMT_NET, MGMT_SUBNET)
@@ -328,11 +352,13 @@ def cmd_up(args: argparse.Namespace) -> int:
             run(["docker", "start", container_name(i)])
     for i in range(1, count + 1):
         wait_for_systemd(i)
-        configure_host(i, pubkey, rename_fabric=(i == count))
+        configure_host(i, pubkey, rename_fabric=(i == RENAMED_NIC_HOST))
         wait_for_ssh(i, key)
     ensure_model()
     inventory = STATE_DIR / "inventory.ini"
-    inventory.write_text(inventory_text(count, key))
+    text = inventory_text(count, key)
+    if not inventory.exists() or inventory.read_text() != text:  # unchanged: keep its mtime
+        inventory.write_text(text)
     log(f"{count} hosts up; inventory: {inventory}")
     log(f"lab up in {time.monotonic() - started:.1f}s")
     return 0

@@ -1,8 +1,9 @@
 """Provision + fabric stages for real on the lab (issue 3).
 
-Needs `python3 tests/lab/lab.py up`. Runs `deploy.yml --tags provision,fabric` twice (the second
-run must report changed=0), then checks on each host: a Docker engine inside it, our daemon.json
-keys, and fabric settings whose interface is the one routing to the head (fab0 on the last node).
+Needs `python3 tests/lab/lab.py up`. After the session's deploy.yml, runs `deploy.yml --tags
+provision,fabric` again (it must report changed=0), then checks on each host: a Docker engine
+inside it, our daemon.json keys, and fabric settings whose interface is the one routing to its
+replica's head (fab0 on node3).
 """
 from __future__ import annotations
 
@@ -19,12 +20,12 @@ TAGS = ("--tags", "provision,fabric")
 
 
 @pytest.fixture(scope="session")
-def provisioned(lab):
-    first = run_playbook("deploy.yml", *TAGS, timeout=1800)
-    assert first.rc == 0, first.output[-20000:]
+def provisioned(deployed_lab):
+    """The session's deploy.yml provisioned the hosts; running these two stages again is the
+    second run that must change nothing."""
     second = run_playbook("deploy.yml", *TAGS, timeout=1800)
     assert second.rc == 0, second.output[-20000:]
-    return dict(lab, first=first, second=second)
+    return dict(deployed_lab, second=second)
 
 
 def serving(lab):
@@ -67,16 +68,18 @@ def test_docker_engine_runs_inside_every_host_with_our_daemon_json(provisioned):
 
 
 def test_fabric_nic_is_chosen_by_route_to_the_head(provisioned):
-    hosts = provisioned["hosts"]
-    head = hosts[provisioned["groups"]["fleet_head"][0]]
-    head_fabric = json.loads(sudo_read(head, "/etc/vllm-fleet/fabric.json"))
-    assert head_fabric["role"] == "head" and head_fabric["interface"] == "eth1"  # fleet_fabric_interface
-    head_ip = head_fabric["address"]
-    assert head_ip.startswith("172.28.20.")
-    default_dev = head.run("ip -4 route show default").stdout.split("dev ")[1].split()[0]
-    assert default_dev != head_fabric["interface"]
+    hosts, hostvars = provisioned["hosts"], provisioned["inventory_vars"]["_meta"]["hostvars"]
+    head_ip_of = {}
+    for name in provisioned["groups"]["fleet_head"]:
+        head_fabric = json.loads(sudo_read(hosts[name], "/etc/vllm-fleet/fabric.json"))
+        assert head_fabric["role"] == "head" and head_fabric["interface"] == "eth1"  # fleet_fabric_interface
+        assert head_fabric["address"].startswith("172.28.20.")
+        default_dev = hosts[name].run("ip -4 route show default").stdout.split("dev ")[1].split()[0]
+        assert default_dev != head_fabric["interface"]
+        head_ip_of[hostvars[name].get("fleet_replica", "main")] = head_fabric["address"]
 
     for host in serving(provisioned):
+        head_ip = head_ip_of[hostvars[host.name].get("fleet_replica", "main")]
         fabric = json.loads(sudo_read(host, "/etc/vllm-fleet/fabric.json"))
         route = host.run("ip route get %s" % head_ip).stdout.split()
         routed_dev = route[route.index("dev") + 1]
@@ -93,9 +96,8 @@ def test_fabric_nic_is_chosen_by_route_to_the_head(provisioned):
         nccl = sudo_read(host, "/etc/nccl.conf").splitlines()[1:]
         assert nccl == ["NCCL_SOCKET_IFNAME==%s" % fabric["interface"], "NCCL_IB_DISABLE=1"]
 
-    last = hosts[sorted(hosts, key=lambda n: int(n.lstrip("node")))[-1]]
-    last_fabric = json.loads(sudo_read(last, "/etc/vllm-fleet/fabric.json"))
-    assert last_fabric["interface"] == "fab0", last_fabric  # the renamed NIC, found by route
+    renamed = json.loads(sudo_read(hosts["node3"], "/etc/vllm-fleet/fabric.json"))
+    assert renamed["interface"] == "fab0", renamed  # the renamed NIC, found by route
 
 
 def test_run_summary_shows_each_hosts_fabric(provisioned):

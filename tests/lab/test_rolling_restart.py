@@ -1,10 +1,10 @@
 """Rolling restart, day-2 playbooks and fail-fast on the lab.
 
-Needs a lab with TWO replicas and a balancer (deploy.yml must import
-ansible/playbooks/90_loadbalancer.yml), e.g. `python3 tests/lab/lab.py up --hosts 5` with:
-  fleet_head:         node1 (fleet_replica=a), node4 (fleet_replica=b)
-  fleet_workers:      node2 (a), node3 (a) / node5 (b)   -- any split, every replica whole
-  fleet_loadbalancer: one host (a serving host is fine when loadbalancer_frontend_port is free there)
+Needs a lab with TWO replicas and a balancer: the default `python3 tests/lab/lab.py up` (4 hosts)
+makes one:
+  fleet_head:         node1 (fleet_replica=a), node4 (fleet_replica=b, TP=2)
+  fleet_workers:      node2, node3 (a)          -- any split works, every replica whole
+  fleet_loadbalancer: node3 (a serving host is fine when loadbalancer_frontend_port is free there)
 Fails (does not skip) when the lab has another layout, so a wrong lab never passes as green.
 """
 from __future__ import annotations
@@ -22,20 +22,13 @@ import yaml
 
 from tests.lab.conftest import INVENTORY, REPO, run_playbook
 
-# Not in the lab tier yet: lab.py does not make the 2-replica layout this needs (issue 7).
-pytestmark = pytest.mark.replicas
+pytestmark = pytest.mark.lab
 LOADGEN = REPO / "tools" / "loadgen.py"
-
-
-def inventory_vars() -> dict:
-    out = subprocess.run(["ansible-inventory", "-i", str(INVENTORY), "--list"], cwd=REPO, capture_output=True,
-                         text=True, check=True, timeout=120).stdout
-    return json.loads(out)
 
 
 @pytest.fixture(scope="module")
 def fleet(deployed_lab):
-    inv = inventory_vars()
+    inv = deployed_lab["inventory_vars"]
     hostvars = inv["_meta"]["hostvars"]
     heads = inv.get("fleet_head", {}).get("hosts", [])
     balancers = inv.get("fleet_loadbalancer", {}).get("hosts", [])

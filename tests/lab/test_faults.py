@@ -1,0 +1,193 @@
+"""Fault tests on the deployed lab (issues 6 and 7): each breaks something for real, checks that the
+exporter / Prometheus / the playbooks see it and name it, then repairs the lab with deploy.yml.
+
+- kill -9 of a replica's engine mid-request: vllm_fleet_engine_up drops within 15 s, the
+  VllmFleetEngineDown alert fires in the real Prometheus; restarting only the dead container (no
+  cleanup of the replica's other ranks) does not bring it back, deploy.yml does, with no manual step.
+- a worker cut from the fabric network mid-serving: the fabric check run across the replica ends at
+  its hard timeout naming the unreachable peer, the exporter sees the Ray node gone and
+  VllmFleetRayNodeMissing goes pending, and a deploy fails fast naming the host.
+- the Ray head restarted: the cluster re-forms by itself and serving goes on.
+
+Runs last in the lab tier (tests/lab/conftest.py orders the modules): it disrupts serving.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import threading
+import time
+import urllib.request
+
+import pytest
+
+from tests.lab.conftest import run_playbook
+from tests.lab.lab import FABRIC_NET, container_name, fabric_ip
+from tests.lab.test_monitoring import prometheus_of, wait_for
+
+pytestmark = pytest.mark.lab
+
+
+@pytest.fixture(scope="module")
+def fleet(deployed_lab):
+    hostvars = deployed_lab["inventory_vars"]["_meta"]["hostvars"]
+    head = deployed_lab["groups"]["fleet_head"][0]
+    hv = hostvars[head]
+    members = [h for h in deployed_lab["serving"] if hostvars[h].get("fleet_replica") == hv.get("fleet_replica")]
+    deployment = hv.get("fleet_deployment", "vllm-fleet")
+    return dict(deployed_lab, head=head, rank1=members[1], members=members, prom=prometheus_of(deployed_lab),
+                vllm=f"{deployment}-vllm", ray=f"{deployment}-ray",
+                model=hv.get("fleet_served_model_name") or hv["fleet_model_path"],
+                url=f"http://{deployed_lab['hosts'][head].address}:{hv.get('fleet_api_port', 8000)}")
+
+
+def healthy(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{url}/health", timeout=5) as r:
+            return r.status == 200
+    except OSError:
+        return False
+
+
+def chat(fleet, max_tokens=8, timeout=60) -> int:
+    body = json.dumps({"model": fleet["model"], "max_tokens": max_tokens,
+                       "messages": [{"role": "user", "content": "are you there"}]}).encode()
+    req = urllib.request.Request(f"{fleet['url']}/v1/chat/completions", data=body,
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=timeout) as r:
+        return json.load(r)["usage"]["completion_tokens"]
+
+
+def engine_up(fleet, host) -> list:
+    return fleet["prom"].query(f'vllm_fleet_engine_up{{host="{host}"}}')
+
+
+def alert_state(fleet, name, **labels) -> str:
+    states = [a["state"] for a in fleet["prom"].alerts()
+              if a["labels"].get("alertname") == name and all(a["labels"].get(k) == v for k, v in labels.items())]
+    return "firing" if "firing" in states else ("pending" if states else "")
+
+
+def container_running(fleet, host, name) -> bool:
+    out = fleet["hosts"][host].run(f"sudo docker inspect -f '{{{{.State.Running}}}}' {name}", check=False)
+    return out.stdout.strip() == "true"
+
+
+def redeploy(fleet, *args):
+    run = run_playbook("deploy.yml", "-e", '{"image_build": false}', *args, timeout=1800)
+    assert run.rc == 0, run.output[-20000:]
+    return run
+
+
+def stream_in_background(fleet, max_tokens=400):
+    """A long streaming completion; records when its first chunk came and how it ended."""
+    state = {"first_chunk": threading.Event(), "error": None}
+
+    def go():
+        body = json.dumps({"model": fleet["model"], "max_tokens": max_tokens, "stream": True, "ignore_eos": True,
+                           "messages": [{"role": "user", "content": "a long answer please"}]}).encode()
+        req = urllib.request.Request(f"{fleet['url']}/v1/chat/completions", data=body,
+                                     headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=120) as r:
+                for line in r:
+                    if line.startswith(b"data: {"):
+                        state["first_chunk"].set()
+                    if line.startswith(b"data: [DONE]"):
+                        return
+            state["error"] = "stream ended without [DONE]"
+        except Exception as exc:  # noqa: BLE001 - the request is expected to break
+            state["error"] = repr(exc)
+        finally:
+            state["first_chunk"].set()
+
+    thread = threading.Thread(target=go, daemon=True)
+    thread.start()
+    return state, thread
+
+
+def test_kill9_mid_request_is_detected_alerted_and_deploy_recovers(fleet):
+    head, rank1, vllm = fleet["hosts"][fleet["head"]], fleet["rank1"], fleet["vllm"]
+    assert engine_up(fleet, fleet["head"])[0]["value"][1] == "1"
+    state, thread = stream_in_background(fleet)
+    assert state["first_chunk"].wait(60), "the long request never started streaming"
+    killed = time.monotonic()
+    head.run("sudo pkill -9 -f '[v]llm.entrypoints.openai.api_server'")
+    thread.join(timeout=60)
+    assert state["error"], "the request in flight should have broken with the engine"
+
+    wait_for("vllm_fleet_engine_up == 0 in Prometheus", lambda: (engine_up(fleet, fleet["head"]) or [{}])[0]
+             .get("value", [0, ""])[1] == "0", timeout=30, every=1)
+    detected = time.monotonic() - killed
+    assert detected <= 15, f"engine_up dropped after {detected:.1f}s (goal 15s)"
+    wait_for("VllmFleetEngineDown firing", lambda: alert_state(fleet, "VllmFleetEngineDown", host=fleet["head"])
+             == "firing", timeout=120, every=3)
+
+    # What the crash left: the head's container is dead, the other rank still holds the dead launch.
+    assert not container_running(fleet, fleet["head"], vllm)
+    # Without cleanup: start only the dead container again (same launch, the replica's other rank
+    # untouched) -- it does not come back.
+    head.run(f"sudo docker start {vllm}")
+    time.sleep(60)
+    assert not healthy(fleet["url"]), "a bare restart of the crashed rank should not serve"
+
+    # With: deploy.yml relaunches the whole replica (new launch id, stale ranks removed).
+    run = redeploy(fleet, "--tags", "serve")
+    assert "relaunch as" in run.output
+    assert chat(fleet) > 0
+    wait_for("engine_up back to 1", lambda: (engine_up(fleet, fleet["head"]) or [{}])[0]
+             .get("value", [0, ""])[1] == "1", timeout=60, every=2)
+    assert container_running(fleet, rank1, vllm)
+
+
+def test_worker_cut_from_the_fabric_is_detected_and_named(fleet):
+    worker = fleet["rank1"]
+    index = int(worker.removeprefix("node"))
+    head_host = fleet["hosts"][fleet["head"]]
+    subprocess.run(["docker", "network", "disconnect", FABRIC_NET, container_name(index)], check=True, timeout=60)
+    try:
+        # the fabric check across the replica ends at its hard timeout, naming the peer it lost
+        started = time.monotonic()
+        check = head_host.run(
+            f"sudo docker run --rm --network=host --env-file=/etc/vllm-fleet/fabric.env "
+            f"$(sudo docker inspect -f '{{{{.Config.Image}}}}' {fleet['vllm']}) fleet-fabric-check --nnodes=2 "
+            f"--node-rank=0 --master-addr={fabric_ip(1)} --nproc-per-node=1 --launch-id=fault-cut --timeout=20",
+            check=False, timeout=120)
+        out = check.stdout + check.stderr
+        assert check.returncode == 124, out  # the fabric check's timeout exit code
+        assert time.monotonic() - started < 90
+        assert "timed out" in out.lower() and "rank 1" in out, out
+
+        # the exporter sees the Ray node gone; the alert rule matches
+        wait_for("Ray nodes alive below expected", lambda: fleet["prom"].query(
+            f'vllm_fleet_ray_nodes_alive{{host="{fleet["head"]}"}} < vllm_fleet_ray_nodes_expected'), timeout=150)
+        wait_for("VllmFleetRayNodeMissing pending or firing",
+                 lambda: alert_state(fleet, "VllmFleetRayNodeMissing") in ("pending", "firing"), timeout=60)
+
+        # a deploy fails fast, naming the host that lost the fabric
+        started = time.monotonic()
+        run = run_playbook("deploy.yml", "--tags", "fabric,ray", timeout=600)
+        assert run.rc != 0
+        assert time.monotonic() - started < 180
+        assert worker in run.output and "fatal" in run.output.lower(), run.output[-5000:]
+    finally:
+        subprocess.run(["docker", "network", "connect", "--ip", fabric_ip(index), FABRIC_NET, container_name(index)],
+                       check=False, timeout=60)
+    redeploy(fleet)
+    assert chat(fleet) > 0
+    out = head_host.run(f"sudo docker exec {fleet['ray']} ray status").stdout
+    assert out.split("Active:")[1].split("Pending:")[0].count("node_") == len(fleet["members"]), out
+
+
+def test_ray_head_restart_reforms_the_cluster_and_serving_goes_on(fleet):
+    head = fleet["hosts"][fleet["head"]]
+    head.run(f"sudo docker restart {fleet['ray']}", timeout=180)
+
+    def nodes_alive():
+        out = head.run(f"sudo docker exec {fleet['ray']} ray status", check=False, timeout=60).stdout
+        return "Active:" in out and out.split("Active:")[1].split("Pending:")[0].count("node_") == len(fleet["members"])
+
+    wait_for("the Ray cluster re-formed with every node", nodes_alive, timeout=240, every=5)
+    assert chat(fleet) > 0
+    wait_for("the exporter sees every Ray node again", lambda: fleet["prom"].query(
+        f'vllm_fleet_ray_nodes_alive{{host="{fleet["head"]}"}} == vllm_fleet_ray_nodes_expected'), timeout=90)
