@@ -9,6 +9,7 @@ import configparser
 import json
 import os
 import re
+import shlex
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,7 +66,7 @@ def read_inventory(path: Path = INVENTORY) -> tuple[dict[str, LabHost], dict[str
         if ":" in section:
             continue
         for line in parser[section]:
-            name, *pairs = line.split()
+            name, *pairs = shlex.split(line)  # host vars may be quoted, with spaces
             kv = dict(p.split("=", 1) for p in pairs)
             if "ansible_host" in kv:
                 hosts[name] = LabHost(name, kv["ansible_host"])
