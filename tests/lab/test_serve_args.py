@@ -183,6 +183,9 @@ def test_serve_extra_args_env_and_cli():
      BASE, "outside"),
     (["--nnodes", "2", "--master-addr", "h", "--engine", "cpu", "--pp", "3"], BASE, "divide"),
     (["--gpu-memory-utilization", "1.5"], BASE, r"\(0, 1\]"),
+    ([], dict(BASE, FLEET_GPU_MEMORY_UTILIZATION="most"), "FLEET_GPU_MEMORY_UTILIZATION.*'most'"),
+    (["--nnodes", "2", "--master-addr", "h", "--engine", "cpu", "--pp", "2"],
+     dict(BASE, FLEET_MASTER_PORT="x"), "FLEET_MASTER_PORT"),
     (["--", "--api-key", "x"], BASE, "api-key-file"),
     (["--api-key-file", "/nonexistent/key"], BASE, "cannot read API key"),
 ])

@@ -96,13 +96,14 @@ def test_ipc_sockets_and_filestore_files(tmp_path):
 
 # One rank of a real gloo rendezvous through a FileStore (vLLM's CPU workers initialise this way).
 RANK = r"""
-import datetime, sys, torch, torch.distributed as dist
+import datetime, os, sys, torch, torch.distributed as dist
 path, rank = sys.argv[1], int(sys.argv[2])
 dist.init_process_group("gloo", init_method="file://" + path, rank=rank, world_size=2,
                         timeout=datetime.timedelta(seconds=40))
 t = torch.ones(1)
 dist.all_reduce(t)
 print(int(t.item()), flush=True)
+os._exit(0)  # no gloo teardown race at interpreter exit (it can abort once the peer is gone)
 """
 
 

@@ -221,7 +221,11 @@ def build_command(args, env, write_state=False):
             raise ValueError(f"TP x PP = {tp * pp} does not divide over {nnodes} nodes")
     headless = nnodes > 1 and node_rank > 0
     if engine == "cuda" and gmu not in (None, ""):
-        gmu = float(gmu)
+        try:
+            gmu = float(gmu)
+        except ValueError:
+            raise ValueError("GPU memory utilization (FLEET_GPU_MEMORY_UTILIZATION) must be a "
+                             f"number in (0, 1], got {gmu!r}") from None
         if not 0 < gmu <= 1:
             raise ValueError(f"GPU memory utilization must be in (0, 1], got {gmu}")
     extra = _extra_args(args, env)
