@@ -255,7 +255,12 @@ def suspects(pairs: list[dict]) -> list[int]:
 
 
 def _child(cfg: dict) -> None:
-    sys.exit(run_rank(cfg))
+    code = run_rank(cfg)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # no interpreter teardown: gloo's destructors racing a peer that already exited can abort
+    # the process ("terminate called without an active exception", SIGABRT) after a good check
+    os._exit(code)
 
 
 def _proc_state(pid: int) -> str:
