@@ -84,7 +84,8 @@ def test_missing_node_times_out_naming_it(torch_py):
 
 # A TCPStore client of the check's coordinator (as the ranks' heartbeats are): the moment a rank
 # is inside the all-reduce sweep (progress step >= 3: join, communicator init, first size), it
-# SIGSTOPs that rank's process (its pid is in the rank's registration) and prints the pid.
+# SIGSTOPs that rank's process (its pid is in the rank's registration) and prints the pid and the
+# time of the stop.
 STOP_IN_SWEEP = r"""
 import datetime, json, os, signal, sys, time
 from torch.distributed import TCPStore
@@ -101,7 +102,7 @@ while store is not None and time.time() < deadline:
     if store.check(["progress/" + rank]) and json.loads(store.get("progress/" + rank))[0] >= 3:
         pid = json.loads(store.get("rank/" + rank))["pid"]
         os.kill(pid, signal.SIGSTOP)
-        print(pid, json.loads(store.get("progress/" + rank))[1], flush=True)
+        print(pid, time.time(), json.loads(store.get("progress/" + rank))[1], flush=True)
         sys.exit(0)
     time.sleep(0.01)
 sys.exit(1)
@@ -135,9 +136,8 @@ def test_stopped_rank_is_named_and_every_node_ends_within_the_hard_timeout(torch
                 threading.Thread(target=_read_lines, args=(stream, out[rank]), daemon=True).start()
         w_out, w_err = stopper.communicate(timeout=200)
         assert stopper.returncode == 0, w_err[-3000:] + "".join(out[0] + out[1])
-        stopped = int(w_out.split()[0])  # frozen inside the sweep
+        stopped, t_stop = int(w_out.split()[0]), float(w_out.split()[1])  # inside the sweep
         assert all(p.poll() is None for p in nodes), "".join(out[0] + out[1])
-        t_stop = time.time()
         hard = timeout + launcher.HARD_EXTRA_S
         for p in nodes:
             p.wait(timeout=hard + launcher.SILENT_S + 30)
@@ -263,14 +263,25 @@ def ray_cluster(tmp_path_factory):
 
     if not engine_has("ray"):
         pytest.skip(f"needs ray in the engine venv {ENGINE_VENV} (tools/bootstrap.sh engine)")
-    tmp = tmp_path_factory.mktemp("ray")
     ray_bin = str(ENGINE_VENV / "bin" / "ray")
-    t0 = time.time()
-    nodes = [RayNode(ray_bin, tmp, f"{RAY_NET}.2")]
+    nodes: list = []
     try:
-        nodes[0].wait_started()
-        nodes.append(RayNode(ray_bin, tmp, f"{RAY_NET}.3", head=nodes[0]))
-        nodes[1].wait_started()
+        for attempt in (1, 2):  # one retry: on a saturated shared machine the GCS can time out
+            tmp = tmp_path_factory.mktemp("ray")
+            t0 = time.time()
+            try:
+                nodes.append(RayNode(ray_bin, tmp, f"{RAY_NET}.2"))
+                nodes[0].wait_started()
+                nodes.append(RayNode(ray_bin, tmp, f"{RAY_NET}.3", head=nodes[0]))
+                nodes[1].wait_started()
+                break
+            except AssertionError as exc:
+                for node in reversed(nodes):
+                    node.stop()
+                nodes.clear()
+                if attempt == 2:
+                    raise
+                print(f"ray cluster did not start (retrying once): {str(exc)[:2000]}")
         print(f"ray cluster of 2 nodes up in {time.time() - t0:.1f}s")
         yield nodes
     finally:
@@ -332,9 +343,8 @@ def test_ray_launcher_names_the_node_of_a_stopped_rank(ray_cluster):
         # coordinator instead and stop rank 1 once it is inside the sweep
         w_out, w_err = stopper.communicate(timeout=200)
         assert stopper.returncode == 0, w_err[-3000:] + "".join(out + err)
-        stopped = int(w_out.split()[0])
+        stopped, t_stop = int(w_out.split()[0]), float(w_out.split()[1])
         assert p.poll() is None, "".join(out + err)
-        t_stop = time.time()
         p.wait(timeout=timeout + launcher.HARD_EXTRA_S + launcher.SILENT_S + 60)
         took = time.time() - t_stop
         text = "".join(err)

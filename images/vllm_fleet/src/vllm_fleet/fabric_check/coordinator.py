@@ -91,6 +91,27 @@ class Coordinator:
         keys = [f"{tag}/{r}" for r in range(self.world_size)]
         self._wait(keys, f"barrier {name or self._seq}", list(range(self.world_size)))
 
+    def leave(self) -> None:
+        """Tell the master this rank is done with the store (the last thing it does)."""
+        try:
+            self.store.set(f"left/{self.rank}", b"1")
+        except Exception:
+            pass
+
+    def wait_left(self, timeout_s: float) -> bool:
+        """Master: wait (bounded) until every other rank has left, so that the store outlives
+        their last read. False if some did not say so in time (they end on their own timers)."""
+        keys = [f"left/{r}" for r in range(self.world_size) if r != self.rank]
+        deadline = time.monotonic() + timeout_s
+        while keys and time.monotonic() < deadline:
+            try:
+                if self.store.check(keys):
+                    return True
+            except Exception:
+                return False
+            time.sleep(0.02)
+        return not keys
+
     # helpers -----------------------------------------------------------------
     def describe_self(self) -> dict:
         return {"rank": self.rank, "node_rank": self.node_rank, "local_rank": self.local_rank,

@@ -189,7 +189,12 @@ def run_rank(cfg: dict) -> int:
             if cfg.get("json_out"):
                 with open(cfg["json_out"], "w", encoding="utf-8") as fh:
                     json.dump(report, fh, indent=1)
+            # the coordinator's store lives in this process: the others may still be reading the
+            # last barrier, and would see "coordinator unreachable" if it went away now
+            coord.wait_left(min(cfg["timeout_s"], 10.0))
             return EXIT_OK if report["ok"] else EXIT_FAIL
+        timer.stop()  # no heartbeat in flight once the master may go
+        coord.leave()
         return EXIT_OK
     except FabricTimeout as exc:
         print(f"FABRIC CHECK TIMEOUT: {exc}", file=sys.stderr, flush=True)
