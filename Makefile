@@ -8,7 +8,7 @@ LAB_INVENTORY := .lab/inventory.ini
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 export ANSIBLE_CONFIG := $(CURDIR)/ansible.cfg
 
-.PHONY: bootstrap bootstrap-engine lab-up lab-down lab-deploy lint test test-unit test-engine test-lab
+.PHONY: bootstrap bootstrap-engine lab-up lab-down lab-deploy lint test test-unit test-engine test-lab test-day2
 
 bootstrap:
 	tools/bootstrap.sh controller
@@ -30,13 +30,17 @@ lint: bootstrap
 	$(BIN)/ansible-lint --profile production
 
 test-unit: bootstrap
-	$(BIN)/pytest -m "not lab and not engine" tests
+	$(BIN)/pytest -m "not lab and not engine and not day2" tests
 
 test-engine: bootstrap-engine
 	$(BIN)/pytest -m "engine" tests
 
 test-lab: lab-up
 	$(BIN)/pytest -m "lab" tests
+
+# Rolling restarts under load and fault tests (kill -9, fabric cut, Ray head restart) on the lab.
+test-day2: lab-up
+	$(BIN)/pytest -m "day2" tests
 
 # The lab's cold deploy (about 15 min on 2 cores, mostly apt, image copies and engine start-up)
 # runs in the background while lint, unit and engine tests run; the lab tier then starts from a
