@@ -89,15 +89,21 @@ def test_missing_node_times_out_naming_it(torch_py):
 STOP_IN_SWEEP = r"""
 import datetime, json, os, signal, sys, time
 from torch.distributed import TCPStore
-port, rank = int(sys.argv[1]), sys.argv[2]
+hosts, port, rank, launch_id = sys.argv[1].split(","), int(sys.argv[2]), sys.argv[3], sys.argv[4]
 deadline = time.time() + 150
-store = None
+store, i = None, 0
 while store is None and time.time() < deadline:
+    host = hosts[i % len(hosts)]  # node 0's address, where the coordinator runs
+    i += 1
     try:
-        store = TCPStore("127.0.0.1", port, 2, False, timeout=datetime.timedelta(seconds=1),
-                         wait_for_workers=False)
+        s = TCPStore(host, port, 2, False, timeout=datetime.timedelta(seconds=2),
+                     wait_for_workers=False)
+        if s.check(["launch_id"]) and s.get("launch_id").decode() == launch_id:
+            store = s
+            continue
     except Exception:
-        time.sleep(0.1)
+        pass
+    time.sleep(0.1)
 while store is not None and time.time() < deadline:
     if store.check(["progress/" + rank]) and json.loads(store.get("progress/" + rank))[0] >= 3:
         pid = json.loads(store.get("rank/" + rank))["pid"]
@@ -125,7 +131,8 @@ def test_stopped_rank_is_named_and_every_node_ends_within_the_hard_timeout(torch
     env = child_env(FLEET_NODE_NAME="fabhost")
     nodes, out, stopped = [], {0: [], 1: []}, None
     # started first, so that its torch import is done before the check begins
-    stopper = subprocess.Popen([torch_py, "-c", STOP_IN_SWEEP, str(port), "1"], env=child_env(),
+    stopper = subprocess.Popen([torch_py, "-c", STOP_IN_SWEEP, "127.0.0.1", str(port), "1",
+                                "fc-stop"], env=child_env(),
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         for rank in (0, 1):
@@ -328,8 +335,9 @@ def test_ray_launcher_names_the_node_of_a_stopped_rank(ray_cluster):
     """A rank frozen (SIGSTOP) on one Ray node: the driver still ends within the hard timeout,
     with that node's rank named as stopped and its peer naming it as not responding."""
     timeout = 4
-    stopper = subprocess.Popen([str(ENGINE_PY), "-c", STOP_IN_SWEEP, str(fabric_port("fc-ray-stop")),
-                                "1"], env=child_env(), stdout=subprocess.PIPE,
+    stopper = subprocess.Popen([str(ENGINE_PY), "-c", STOP_IN_SWEEP,
+                                f"{RAY_NET}.2,{RAY_NET}.3", str(fabric_port("fc-ray-stop")), "1",
+                                "fc-ray-stop"], env=child_env(), stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True)
     p = subprocess.Popen(_ray_cmd(ray_cluster, "fc-ray-stop", "--max-size", "64M", "--timeout",
                                   str(timeout)),
