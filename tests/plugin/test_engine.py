@@ -304,7 +304,7 @@ def test_two_live_launches_of_one_deployment_share_a_machine(engine_env):
         # y's startup cleanup ran and judged x live: nothing of x killed or removed
         line = next(ln for ln in y.text().splitlines() if "vllm-fleet cleanup: killed" in ln)
         assert x.launch_id not in line, line
-        assert sorted(p for p in _session_procs(x.proc.pid)) == x_pids, "x lost processes"
+        assert set(x_pids) <= set(_session_procs(x.proc.pid)), "x lost processes"
         assert all(os.path.exists(p) for p in x_shm), "x's shm segments were removed"
         assert x.healthy()
 
