@@ -2,6 +2,7 @@
 import math
 
 from vllm_fleet import probe, state
+from conftest import child_env  # tests/plugin/conftest.py, as the other plugin tests do
 
 
 def test_cadence_is_a_pure_function_of_the_step_counter():
@@ -180,7 +181,6 @@ def test_readiness_vote_once_and_rank_local_failure_skips_all_ranks(torch_py, st
     import socket
     import subprocess
 
-    from conftest import child_env
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
