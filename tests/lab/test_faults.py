@@ -23,6 +23,7 @@ import pytest
 
 from tests.lab.conftest import run_playbook
 from tests.lab.lab import FABRIC_NET, container_name, fabric_ip
+from tests.lab.test_monitoring import chat as monitoring_chat
 from tests.lab.test_monitoring import prometheus_of, wait_for
 
 # The kill -9 test also runs in the lab tier (make test, last); the fabric-cut and Ray-head tests
@@ -52,12 +53,7 @@ def healthy(url: str) -> bool:
 
 
 def chat(fleet, max_tokens=8, timeout=60) -> int:
-    body = json.dumps({"model": fleet["model"], "max_tokens": max_tokens,
-                       "messages": [{"role": "user", "content": "are you there"}]}).encode()
-    req = urllib.request.Request(f"{fleet['url']}/v1/chat/completions", data=body,
-                                 headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=timeout) as r:
-        return json.load(r)["usage"]["completion_tokens"]
+    return monitoring_chat(f"{fleet['url']}/v1", fleet["model"], max_tokens=max_tokens, timeout=timeout)
 
 
 def engine_up(fleet, host) -> list:

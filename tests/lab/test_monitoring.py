@@ -50,13 +50,16 @@ def prometheus_of(lab: dict) -> Prometheus:
     return Prometheus(f"http://{lab['hosts'][host].address}:{hv.get('fleet_prometheus_port', 9090)}")
 
 
-def chat(base_url: str, model: str, max_tokens: int = 8) -> None:
+def chat(base_url: str, model: str, max_tokens: int = 8, timeout: float = 120) -> int:
+    """One chat completion through the OpenAI API at base_url (…/v1); its completion tokens."""
     body = json.dumps({"model": model, "max_tokens": max_tokens,
                        "messages": [{"role": "user", "content": "hello monitoring"}]}).encode()
     req = urllib.request.Request(f"{base_url}/chat/completions", data=body,
                                  headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=120) as r:
-        assert json.load(r)["usage"]["completion_tokens"] > 0
+    with urllib.request.urlopen(req, timeout=timeout) as r:
+        tokens = json.load(r)["usage"]["completion_tokens"]
+    assert tokens > 0
+    return tokens
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "images" / "vllm_fl
 
 from vllm_fleet import launch  # noqa: E402
 from vllm_fleet.entrypoints import ray_node, read_env_file, serve  # noqa: E402
+from tests.launch_ids import colliding_launch_ids
 
 
 def ray_cmd(argv, env):
@@ -239,19 +240,8 @@ def test_dry_run_derives_ports_but_writes_nothing(tmp_path, capsys):
     assert out["env"]["VLLM_PORT"] == str(out["info"]["ports"]["vllm"])
 
 
-def _colliding_ids(prefix):
-    seen = {}
-    for i in range(5000):
-        lid = f"{prefix}-{i}"
-        b = launch.base_port(lid)
-        if b in seen:
-            return seen[b], lid
-        seen[b] = lid
-    raise AssertionError("no colliding launch ids")
-
-
 def test_two_launches_on_one_node_get_disjoint_ports(tmp_path):
-    a, b = _colliding_ids("lab-170000")  # same hashed block: the walk must separate them
+    a, b = colliding_launch_ids("lab-170000")  # same hashed block: the walk must separate them
     _, env_a, info_a = serve_cmd_w(["--state-dir", str(tmp_path), "--launch-id", a,
                                     "--port", "8001"], BASE)
     _, env_b, info_b = serve_cmd_w(["--state-dir", str(tmp_path), "--launch-id", b,
@@ -263,7 +253,7 @@ def test_two_launches_on_one_node_get_disjoint_ports(tmp_path):
 
 
 def test_relaunch_does_not_wait_on_a_port_the_dead_launch_still_holds(tmp_path):
-    dead, new = _colliding_ids("lab-170001")
+    dead, new = colliding_launch_ids("lab-170001")
     _, _, info_dead = serve_cmd_w(["--state-dir", str(tmp_path), "--launch-id", dead], BASE)
     # the dead launch is old and has no process left, but an orphan still holds its VLLM_PORT
     path = tmp_path / "launches" / dead / "launch.json"

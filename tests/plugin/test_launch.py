@@ -10,6 +10,7 @@ import pytest
 
 from conftest import SRC, child_env
 from vllm_fleet import launch
+from tests.launch_ids import colliding_launch_ids
 
 
 def test_base_port_is_deterministic_block_aligned_and_in_range():
@@ -44,20 +45,8 @@ def test_real_bound_port_is_detected():
         s.close()
 
 
-def _find_colliding_ids():
-    """Two ids whose hash lands on the same block (forces the walk-upward path)."""
-    seen = {}
-    for i in range(5000):
-        lid = f"dep-{i}"
-        b = launch.base_port(lid)
-        if b in seen:
-            return seen[b], lid
-        seen[b] = lid
-    raise AssertionError("no collision found")
-
-
 def test_two_launches_never_collide_even_when_their_hash_does(state_dir):
-    a, b = _find_colliding_ids()
+    a, b = colliding_launch_ids()
     doc_a = launch.ensure_launch(a, "dep")
     doc_b = launch.ensure_launch(b, "dep")  # nothing bound yet: launch.json reservation protects
     ports_a = set(doc_a["ports"].values()) | set(range(doc_a["ports"]["vllm"],
@@ -70,7 +59,7 @@ def test_two_launches_never_collide_even_when_their_hash_does(state_dir):
 
 
 def test_stale_launch_reservation_is_released(state_dir):
-    a, b = _find_colliding_ids()
+    a, b = colliding_launch_ids()
     doc_a = launch.ensure_launch(a, "dep")
     # make launch a old and without processes: its ports are free again for b
     path = state_dir / "launches" / a / "launch.json"
@@ -126,7 +115,7 @@ def test_shared_port_is_the_hashed_slot_without_a_walk():
 
 def test_fixed_port_to_bind_must_be_free_and_unreserved(state_dir, monkeypatch):
     monkeypatch.setenv("FLEET_NODE_NAME", "node0")
-    a, b = _find_colliding_ids()
+    a, b = colliding_launch_ids()
     doc_a = launch.ensure_launch(a, "dep")
     taken_by_a = doc_a["ports"]["vllm"] + 3
     with pytest.raises(launch.PortBusy, match=f"port {taken_by_a} of launch {b} on host node0 is "
