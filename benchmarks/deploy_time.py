@@ -2,6 +2,7 @@
 """Time a cold deploy and a re-run of deploy.yml; print both and the ratio (goal: re-run <= 25%).
 
     .venv/bin/python benchmarks/deploy_time.py [-i .lab/inventory.ini] [--cold] [--json OUT]
+                                               [--log-dir DIR]
 
 --cold first removes what the image/model/ray/serve stages made on the serving nodes (serving
 and Ray containers, the serving image, the model directory) and the controller's docker-save
@@ -21,11 +22,13 @@ REPO = Path(__file__).resolve().parents[1]
 RECAP = re.compile(r"^(\S+)\s*:\s*ok=(\d+)\s+changed=(\d+)\s+unreachable=(\d+)\s+failed=(\d+)", re.M)
 
 
-def run_deploy(inv):
+def run_deploy(inv, log=None):
     t = time.monotonic()
     p = subprocess.run([str(REPO / ".venv/bin/ansible-playbook"), "-i", inv, "deploy.yml"],
                        cwd=REPO, text=True, capture_output=True, timeout=7200)
     secs = time.monotonic() - t
+    if log:
+        Path(log).write_text(p.stdout + p.stderr)
     recap = {m[0]: {"changed": int(m[2]), "failed": int(m[4])} for m in RECAP.findall(p.stdout)}
     if p.returncode:
         sys.stderr.write(p.stdout[-5000:] + p.stderr[-2000:])
@@ -66,11 +69,15 @@ def main():
     ap.add_argument("-i", "--inventory", default=str(REPO / ".lab" / "inventory.ini"))
     ap.add_argument("--cold", action="store_true", help="remove stage results first (see above)")
     ap.add_argument("--json", help="also write the figures to this file")
+    ap.add_argument("--log-dir", help="keep each run's ansible output here (cold.log, rerun.log)")
     a = ap.parse_args()
     if a.cold:
         make_cold(a.inventory, inventory_vars(a.inventory))
-    cold, _ = run_deploy(a.inventory)
-    rerun, recap = run_deploy(a.inventory)
+    logs = Path(a.log_dir) if a.log_dir else None
+    if logs:
+        logs.mkdir(parents=True, exist_ok=True)
+    cold, _ = run_deploy(a.inventory, logs and logs / "cold.log")
+    rerun, recap = run_deploy(a.inventory, logs and logs / "rerun.log")
     changed = sum(r["changed"] for r in recap.values())
     ratio = rerun / cold if cold else float("nan")
     res = {"cold_s": round(cold, 1), "rerun_s": round(rerun, 1), "ratio": round(ratio, 3),
