@@ -42,7 +42,18 @@ else : > "$ctx/certs/ca-bundle.crt"; fi
 cmp -s "$here/Dockerfile" "$ctx/Dockerfile" || cp "$here/Dockerfile" "$ctx/Dockerfile"
 "$repo/images/stage_vllm_fleet.sh" "$ctx"
 
-start=$(date +%s)
-docker build --build-arg "BASE_IMAGE=$base" -t "$tag" "$ctx" >&2
-echo "build.sh: built $tag in $(( $(date +%s) - start ))s" >&2
+# Fingerprint of what the build reads: the base image, every staged file (wheels by name and
+# size: they are versioned and large). When the tagged image carries the same fingerprint the
+# build is skipped: sending the ~200 MB context to the daemon is most of a cached build's time.
+context=$( { docker image inspect --format '{{.Id}}' "$base"
+             (cd "$ctx" && find . -type f ! -path './wheels/*' -print0 | sort -z | xargs -0 sha256sum
+              find ./wheels -type f -printf '%p %s\n' | sort); } | sha256sum | cut -c1-32)
+if [ "$(docker image inspect --format '{{index .Config.Labels "vllm-fleet.context"}}' "$tag" 2>/dev/null)" \
+     = "$context" ]; then
+  echo "build.sh: $tag is up to date (context $context), not rebuilt" >&2
+else
+  start=$(date +%s)
+  docker build --build-arg "BASE_IMAGE=$base" --label "vllm-fleet.context=$context" -t "$tag" "$ctx" >&2
+  echo "build.sh: built $tag in $(( $(date +%s) - start ))s" >&2
+fi
 docker image inspect --format '{{.Id}}' "$tag"

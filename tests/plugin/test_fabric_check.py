@@ -120,6 +120,19 @@ def _read_lines(stream, sink):
         sink.append(line)
 
 
+def _resume_and_reap(stopped, procs):
+    """Let a SIGSTOPped rank go on (it then ends by itself) and kill what is still running."""
+    if stopped:
+        try:
+            os.kill(stopped, signal.SIGCONT)
+        except OSError:
+            pass
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+
+
 def test_stopped_rank_is_named_and_every_node_ends_within_the_hard_timeout(torch_py):
     """A rank frozen for real (SIGSTOP) inside the all-reduce sweep, on the second of two nodes:
     its peer names it (node, rank, interface, not responding) and exits 124; its own node's
@@ -166,15 +179,7 @@ def test_stopped_rank_is_named_and_every_node_ends_within_the_hard_timeout(torch
         assert hard - 1 <= took < hard + launcher.SILENT_S + 15, took
         print(f"SIGSTOP timeout path: both nodes ended {took:.1f}s after the stop\n{peer}{own}")
     finally:
-        if stopped:
-            try:
-                os.kill(stopped, signal.SIGCONT)
-            except OSError:
-                pass
-        for p in nodes + [stopper]:
-            if p.poll() is None:
-                p.kill()
-                p.wait(10)
+        _resume_and_reap(stopped, nodes + [stopper])
 
 
 # --- Ray launcher: a real local Ray cluster of two nodes on loopback addresses of their own ---
@@ -365,15 +370,7 @@ def test_ray_launcher_names_the_node_of_a_stopped_rank(ray_cluster):
         assert took < timeout + launcher.HARD_EXTRA_S + launcher.SILENT_S + 30, took
         print(f"Ray launcher, SIGSTOP of rank 1: ended {took:.1f}s after the stop\n{own}{peer}")
     finally:
-        if stopped:
-            try:
-                os.kill(stopped, signal.SIGCONT)
-            except OSError:
-                pass
-        for proc in (p, stopper):
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait(10)
+        _resume_and_reap(stopped, [p, stopper])
 
 
 @pytest.mark.engine
