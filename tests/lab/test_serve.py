@@ -11,13 +11,15 @@ Every bad case is undone.
 from __future__ import annotations
 
 import json
+import os
 import re
+import subprocess
 import threading
 import time
 
 import pytest
 
-from tests.lab.conftest import run_playbook
+from tests.lab.conftest import REPO, run_playbook
 
 pytestmark = pytest.mark.lab
 
@@ -102,6 +104,20 @@ def test_same_image_and_model_everywhere(fleet):
     assert len(set(sums.values())) == 1, sums
     for h in fleet["serving"]:
         ssh(fleet, h, f"sudo sh -c 'cd {model_path} && sha256sum --check --strict --quiet MANIFEST.sha256'")
+
+
+def test_image_build_is_skipped_when_its_context_is_unchanged(fleet):
+    """images/cpu/build.sh on the lab's build host (the controller): a second build of the same
+    context sends nothing to the daemon, names the fingerprint and prints the same image ID."""
+    hv = fleet["inventory_vars"]["_meta"]["hostvars"][fleet["head"]]
+    env = dict(os.environ, FLEET_WHEEL_DIR=hv.get("image_wheel_dir", "/opt/wheels"))
+    build = [str(REPO / "images/cpu/build.sh"), fleet["image"]]
+    # the first call builds only if the working tree changed since the session's deploy
+    first = subprocess.run(build, env=env, capture_output=True, text=True, timeout=1800, check=True)
+    second = subprocess.run(build, env=env, capture_output=True, text=True, timeout=300, check=True)
+    assert f"{fleet['image']} is up to date (context " in second.stderr, second.stderr[-2000:]
+    assert "Sending build context" not in second.stderr
+    assert second.stdout.split()[-1] == first.stdout.split()[-1]
 
 
 def test_rerun_changes_nothing_and_keeps_serving(fleet):
