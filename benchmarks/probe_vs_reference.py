@@ -6,6 +6,9 @@ shm on CPU); for each size the reference loop times ``tp_group.all_reduce`` dire
 or perf_counter), and the probe (``vllm_fleet.probe.Recorder.run_probe``) times the same calls
 through the plugin. Rounds are interleaved (reference, probe, reference, ...) so drift hits both.
 Prints per size: backend, reference mean, probe mean, probe/reference (goal: within ±10 %).
+Means of a few rounds are quick but noisy at 8-64 KiB (one skewed call moves them); the ±10 %
+figure of record comes from tests/gpu/probe_ref_median.py (per-call medians over many rounds,
+ranks aligned), which reuses this file's reference loop.
 
     python benchmarks/probe_vs_reference.py [--world 2] [--iters 50] [--rounds 5] [--json F]
 """
