@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Latency cost of a rolling restart: tools/loadgen.py before and during rolling_restart.yml.
 
-  benchmarks/rolling_restart.py -i .lab/inventory.ini [--before 60] [--concurrency 4] \
+  benchmarks/rolling_restart.py -i .lab/inventory.ini [--before 60] [--concurrency 4] [--think-time 0] \
       [--json build/bench-rolling-restart.json] [--max-p99-ratio 2] [-- EXTRA ANSIBLE ARGS]
 
 1. `before`: loadgen alone for --before seconds through the balancer.
@@ -52,7 +52,7 @@ def loadgen_cmd(args, duration: float, json_path: str) -> list[str]:
     cmd = [sys.executable, str(LOADGEN), "--base-url", args.base_url, "--requests", str(args.max_requests),
            "--duration", str(duration), "--concurrency", str(args.concurrency), "--stream-ratio",
            str(args.stream_ratio), "--max-tokens", str(args.max_tokens), "--timeout", str(args.timeout),
-           "--json", json_path]
+           "--think-time", str(args.think_time), "--json", json_path]
     if args.model:
         cmd += ["--model", args.model]
     if args.api_key:
@@ -82,6 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY", ""))
     p.add_argument("--before", type=float, default=60.0, help="seconds of load before the restart")
     p.add_argument("--concurrency", type=int, default=4)
+    p.add_argument("--think-time", type=float, default=0.0,
+                   help="seconds each load worker waits between requests (the 2-core lab: 1)")
     p.add_argument("--stream-ratio", type=float, default=0.5)
     p.add_argument("--max-tokens", type=int, default=16)
     p.add_argument("--timeout", type=float, default=120.0, help="per-request timeout")

@@ -54,6 +54,7 @@ class Config:
     retries: int = 0
     seed: int = 0
     extra_body: dict = field(default_factory=dict)
+    think_time: float = 0.0          # seconds each worker waits between its requests
 
 
 def percentile(values: list[float], q: float) -> float | None:
@@ -148,6 +149,8 @@ class LoadGenerator:
             result = self.one(client, model, *job)
             with self.lock:
                 self.results.append(result)
+            if self.config.think_time > 0:
+                self.stop_event.wait(self.config.think_time)  # a stop ends the pause at once
 
     def run(self) -> dict:
         cfg = self.config
@@ -227,9 +230,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--json", dest="json_path", default="", help="write the summary as JSON here")
     p.add_argument("--per-request", action="store_true", help="keep every request in the JSON")
     p.add_argument("--fail-on-error", action="store_true", help="exit 1 when any request failed")
+    p.add_argument("--think-time", type=float, default=0.0,
+                   help="seconds each worker waits between its requests (default 0: back to back)")
     args = p.parse_args(argv)
-    if args.requests < 1 or args.duration <= 0 or args.concurrency < 1 or not 0 <= args.stream_ratio <= 1:
-        p.error("--requests and --concurrency must be >= 1, --duration > 0, --stream-ratio in [0, 1]")
+    if args.requests < 1 or args.duration <= 0 or args.concurrency < 1 or not 0 <= args.stream_ratio <= 1 \
+            or args.think_time < 0:
+        p.error("--requests and --concurrency must be >= 1, --duration > 0, --stream-ratio in [0, 1], "
+                "--think-time >= 0")
     return args
 
 
@@ -238,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     config = Config(base_url=args.base_url, api_key=args.api_key, model=args.model, requests=args.requests,
                     duration=args.duration, concurrency=args.concurrency, stream_ratio=args.stream_ratio,
                     max_tokens=args.max_tokens, prompt=args.prompt, timeout=args.timeout, retries=args.retries,
-                    seed=args.seed, extra_body=json.loads(args.extra_body))
+                    seed=args.seed, extra_body=json.loads(args.extra_body), think_time=args.think_time)
     gen = LoadGenerator(config)
 
     def stop(signum, _frame):

@@ -66,10 +66,13 @@ def vllm_started_at(fleet, replica: str) -> str:
 
 
 def start_load(fleet, tmp_path: Path, name: str, duration: float = 1800) -> tuple[subprocess.Popen, Path]:
+    """Steady, light load through the balancer. Light on purpose: on the 2-core lab machine a busy
+    replica starves the restarting one (its Ray head missed Ray's fixed 30 s raylet start wait
+    under back-to-back requests); the point here is that no request fails, not throughput."""
     out = tmp_path / f"{name}.json"
     proc = subprocess.Popen([sys.executable, str(LOADGEN), "--base-url", fleet["url"], "--model", fleet["model"],
-                             "--requests", "100000", "--duration", str(duration), "--concurrency", "2",
-                             "--max-tokens", "8", "--timeout", "120", "--json", str(out)],
+                             "--requests", "100000", "--duration", str(duration), "--concurrency", "1",
+                             "--think-time", "1", "--max-tokens", "8", "--timeout", "120", "--json", str(out)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     return proc, out
 

@@ -72,6 +72,17 @@ def test_wall_time_bound_stops_before_the_count(fake):
     assert 0 < done < 200
 
 
+def test_think_time_spaces_each_workers_requests(fake, tmp_path):
+    out = tmp_path / "think.json"
+    proc = run_cli("--base-url", fake.url + "/v1", "--model", "tiny-llama", "--requests", "4", "--concurrency", "1",
+                   "--max-tokens", "1", "--think-time", "0.5", "--json", str(out), "--per-request")
+    assert proc.returncode == 0, proc.stderr
+    starts = sorted(r["start"] for r in json.loads(out.read_text())["requests"])
+    gaps = [b - a for a, b in zip(starts, starts[1:])]
+    assert len(gaps) == 3 and min(gaps) >= 0.5, gaps
+    assert run_cli("--base-url", fake.url + "/v1", "--think-time", "-1").returncode == 2
+
+
 def test_failures_are_counted_and_fail_the_exit_code_when_asked(fake, tmp_path):
     fake.fail_status = 503
     out = tmp_path / "fail.json"
@@ -125,7 +136,9 @@ def test_sigterm_stops_new_requests_and_still_reports(fake, tmp_path):
     proc = subprocess.Popen([sys.executable, str(LOADGEN), "--base-url", fake.url + "/v1", "--requests", "100000",
                              "--duration", "120", "--concurrency", "2", "--json", str(out)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    time.sleep(3)
+    deadline = time.monotonic() + 60  # the client's import alone takes seconds on a busy machine
+    while fake.served < 2 and time.monotonic() < deadline:
+        time.sleep(0.2)
     proc.send_signal(signal.SIGTERM)
     stdout, stderr = proc.communicate(timeout=30)
     assert proc.returncode == 0, stderr
