@@ -29,9 +29,16 @@ REPO = Path(__file__).resolve().parents[1]
 LOADGEN = REPO / "tools" / "loadgen.py"
 
 
+def ansible_tool(name: str) -> str:
+    """The tool beside this interpreter (.venv/bin) when there is one, else from PATH."""
+    beside = Path(sys.executable).parent / name
+    return str(beside) if beside.exists() else name
+
+
 def endpoint_from_inventory(inventory: str) -> tuple[str, str]:
     """(base URL of the balancer, served model name) from ansible-inventory."""
-    out = subprocess.run(["ansible-inventory", "-i", inventory, "--list"], cwd=REPO, capture_output=True, text=True,
+    out = subprocess.run([ansible_tool("ansible-inventory"), "-i", inventory, "--list"], cwd=REPO,
+                         capture_output=True, text=True,
                          check=True, timeout=120).stdout
     data = json.loads(out)
     hostvars = data.get("_meta", {}).get("hostvars", {})
@@ -111,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         time.sleep(2)
         t0 = time.monotonic()
         try:
-            play = subprocess.run(["ansible-playbook", "-i", args.inventory, str(REPO / "rolling_restart.yml"),
+            play = subprocess.run([ansible_tool("ansible-playbook"), "-i", args.inventory, str(REPO / "rolling_restart.yml"),
                                    *args.extra], cwd=REPO, capture_output=True, text=True,
                                   timeout=args.playbook_timeout)
             play_rc, play_out = play.returncode, play.stdout + play.stderr
