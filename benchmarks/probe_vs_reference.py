@@ -31,6 +31,26 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def gather_results(out_q, procs, count: int, timeout_s: float) -> list | None:
+    """``count`` results from the rank processes' queue, then join them; None (ranks killed,
+    reason printed) on the timeout or as soon as a rank died, never waiting out the timeout."""
+    import queue
+
+    got, deadline = [], time.time() + timeout_s
+    while len(got) < count:
+        try:
+            got.append(out_q.get(timeout=2))
+        except queue.Empty:
+            if time.time() > deadline or any(p.exitcode not in (None, 0) for p in procs):
+                print("a rank failed or timed out", file=sys.stderr)
+                for p in procs:
+                    p.kill()
+                return None
+    for p in procs:
+        p.join(timeout=60)
+    return got
+
+
 def reference_time(tp, buf, iters: int) -> list[float]:
     """The reference loop: ``tp.all_reduce`` timed directly (CUDA events read after a device
     synchronize, or perf_counter on CPU), without the plugin."""
@@ -127,22 +147,11 @@ def main() -> int:
     procs = [ctx.Process(target=worker, args=(r, args.world, port, args, out_q)) for r in range(args.world)]
     for p in procs:
         p.start()
-    import queue
-
-    deadline = time.time() + 600
-    while True:  # never wait out the timeout for ranks that already died (e.g. no vllm)
-        try:
-            got = out_q.get(timeout=2)
-            break
-        except queue.Empty:
-            if time.time() > deadline or any(p.exitcode not in (None, 0) for p in procs):
-                print("a rank failed or timed out", file=sys.stderr)
-                for p in procs:
-                    p.kill()
-                return 1
+    results = gather_results(out_q, procs, 1, 600)  # rank 0 reports for all
+    if results is None:
+        return 1
+    got = results[0]
     rows = got["rows"]
-    for p in procs:
-        p.join(timeout=60)
     print(f"{'size':>10} {'backend':>9} {'reference_us':>13} {'probe_us':>10} {'probe/ref':>9}")
     worst = 0.0
     for r in rows:

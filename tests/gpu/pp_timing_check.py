@@ -24,9 +24,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import sys
+
+# benchmarks/probe_vs_reference.py: free_port, gather_results
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "benchmarks"))
 
 
 def worker(rank: int, port: int, args, out_q) -> None:
@@ -175,32 +177,19 @@ def main() -> int:
     ap.add_argument("--sizes-kib", default="64,256,1024,4096")
     ap.add_argument("--deadline", type=float, default=150.0, help="seconds for the whole check")
     args = ap.parse_args()
-    import queue
-    import time
-
     import torch.multiprocessing as mp
+    from probe_vs_reference import free_port, gather_results
 
     os.environ.setdefault("VLLM_FLEET_STATE_DIR", "/tmp/vllm-fleet-bench")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
     procs = [ctx.Process(target=worker, args=(r, port, args, q)) for r in (0, 1)]
     for p in procs:
         p.start()
-    res, deadline = [], time.time() + args.deadline
-    while len(res) < 2:
-        try:
-            res.append(q.get(timeout=2))
-        except queue.Empty:
-            if time.time() > deadline or any(p.exitcode not in (None, 0) for p in procs):
-                print("a rank failed or timed out", file=sys.stderr)
-                for p in procs:
-                    p.kill()
-                return 1
-    for p in procs:
-        p.join(timeout=30)
+    res = gather_results(q, procs, 2, args.deadline)
+    if res is None:
+        return 1
     if args.aligned:
         r0 = [r for r in res if r["rank"] == 0][0]
         print(f"aligned sends, {'NCCL sockets' if args.sockets else 'NCCL default (NVLink)'}, "

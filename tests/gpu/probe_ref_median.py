@@ -32,7 +32,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "..", "benchmarks"))
 
-SIZES = (8 << 10, 64 << 10, 512 << 10, 2 << 20, 16 << 20)
+from probe_vs_reference import SIZES  # noqa: E402 - the benchmark's sizes (path set above)
 
 
 def pct(xs, q):
@@ -122,10 +122,8 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=40)
     ap.add_argument("--json")
     args = ap.parse_args()
-    import queue
-
     import torch.multiprocessing as mp
-    from probe_vs_reference import free_port
+    from probe_vs_reference import free_port, gather_results
 
     os.environ["VLLM_FLEET_EAGER_SAMPLE_EVERY"] = "0"
     os.environ.setdefault("VLLM_FLEET_STATE_DIR", "/tmp/vllm-fleet-bench")
@@ -137,18 +135,10 @@ def main() -> int:
              for r in range(args.world)]
     for p in procs:
         p.start()
-    rows, deadline = [], time.time() + 500
-    while len(rows) < args.world * len(SIZES):
-        try:
-            rows += out_q.get(timeout=2)
-        except queue.Empty:
-            if time.time() > deadline or any(p.exitcode not in (None, 0) for p in procs):
-                print("a rank failed or timed out", file=sys.stderr)
-                for p in procs:
-                    p.kill()
-                return 1
-    for p in procs:
-        p.join(timeout=60)
+    per_rank = gather_results(out_q, procs, args.world, 500)  # each rank: its rows of every size
+    if per_rank is None:
+        return 1
+    rows = [row for rank_rows in per_rank for row in rank_rows]
     print(f"{'rank':>4} {'size':>9} {'backend':>9} {'ref med us':>10} {'probe med us':>12} "
           f"{'med ratio':>9} {'mean ratio':>10} {'mean w/o 1st':>12} {'round ratios p10-p50-p90':>26}")
     worst = 0.0
