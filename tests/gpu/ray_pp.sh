@@ -143,6 +143,22 @@ start_pp_ray() {
   echo $! > "/tmp/$name.pid"
 }
 
+fabric_check_sockets() {  # $1 max size, $2 launch id, $3 JSON out, $4 timeout s
+  # one fleet-fabric-check per "host", each with its fabric.env and GPUs; output per host in $LOGS
+  local r node gpus rc0 rc1
+  for r in 0 1; do
+    node=node-$([ $r = 0 ] && echo a || echo b)
+    gpus=$([ $r = 0 ] && echo "$GPUS_A" || echo "$GPUS_B")
+    # shellcheck disable=SC2046
+    env $(grep -v '^#' "$SIM/$node/fabric.env" | xargs) CUDA_VISIBLE_DEVICES="$gpus" NCCL_DEBUG=INFO \
+      NCCL_DEBUG_SUBSYS=INIT,NET,ENV timeout "$4" python3 -m vllm_fleet.fabric_check --nnodes 2 \
+      --node-rank $r --master-addr "$HEAD" --nproc-per-node "$GPN" --backend nccl --max-size "$1" \
+      --launch-id "$2" --ifname lo --json-out "$3" > "$LOGS/fabric-check-$node.txt" 2>&1 &
+    echo $! > /tmp/fabric-$r.pid
+  done
+  wait "$(cat /tmp/fabric-0.pid)"; rc0=$?; wait "$(cat /tmp/fabric-1.pid)"; rc1=$?
+  echo "fabric check rc node-a=$rc0 node-b=$rc1"
+}
 nccl_lines() {  # $1 launch dir: which transport NCCL used between the ranks
   cat "$1"/nccl-*.log 2>/dev/null | grep -E "via (NET|P2P|SHM)|Using network|NCCL_HOSTID|NET/Socket : Using" |
     sed -E 's/^.*NCCL INFO //' | sort | uniq -c | sort -rn | head -20
@@ -230,16 +246,7 @@ EOF
   log "fabric env of both \"hosts\" (fabric_env.detect, as the fabric role computes it)"
   python3 tests/gpu/fabric_env_sim.py "$SIM" | tee "$LOGS/fabric-env.txt"
   log "fabric check across the two \"hosts\" over NCCL sockets, 8 B .. 1 GiB"
-  for r in 0 1; do
-    node=node-$([ $r = 0 ] && echo a || echo b)
-    env $(grep -v '^#' "$SIM/$node/fabric.env" | xargs) CUDA_VISIBLE_DEVICES=$r NCCL_DEBUG=INFO \
-      NCCL_DEBUG_SUBSYS=INIT,NET,ENV timeout 400 python3 -m vllm_fleet.fabric_check --nnodes 2 --node-rank $r \
-      --master-addr "$HEAD" --nproc-per-node 1 --backend nccl --max-size 1G --launch-id fabric-sock \
-      --ifname lo --json-out "$LOGS/fabric-check-sockets.json" > "$LOGS/fabric-check-$node.txt" 2>&1 &
-    echo $! > /tmp/fabric-$r.pid
-  done
-  wait "$(cat /tmp/fabric-0.pid)"; rc0=$?; wait "$(cat /tmp/fabric-1.pid)"; rc1=$?
-  echo "fabric check rc node-a=$rc0 node-b=$rc1"
+  fabric_check_sockets 1G fabric-sock "$LOGS/fabric-check-sockets.json" 400
   grep -v '^JSON\|NCCL INFO' "$LOGS/fabric-check-node-a.txt" | tail -20
   echo "--- NCCL transport between the two \"hosts\" (fabric check):"
   grep -hE "via (NET|P2P|SHM)|Using network|NCCL_HOSTID" "$LOGS"/fabric-check-node-*.txt |
@@ -406,19 +413,7 @@ prep4)  # 4 GPUs, FLEET_GPUS_PER_NODE=2
   echo "probe median bench rc=$?"
   grep -vE "^(INFO|WARNING|DEBUG)|^\(|^\[" "$LOGS/probe-ref-median.txt" | tail -14
   log "fabric check across the two \"hosts\", $GPN GPUs each, NCCL sockets between them, 8 B .. 256 MiB"
-  for r in 0 1; do
-    node=node-$([ $r = 0 ] && echo a || echo b)
-    gpus=$([ $r = 0 ] && echo "$GPUS_A" || echo "$GPUS_B")
-    # shellcheck disable=SC2046
-    env $(grep -v '^#' "$SIM/$node/fabric.env" | xargs) CUDA_VISIBLE_DEVICES="$gpus" NCCL_DEBUG=INFO \
-      NCCL_DEBUG_SUBSYS=INIT,NET,ENV timeout 240 python3 -m vllm_fleet.fabric_check --nnodes 2 \
-      --node-rank $r --master-addr "$HEAD" --nproc-per-node "$GPN" --backend nccl --max-size 256M \
-      --launch-id fabric-sock4 --ifname lo --json-out "$LOGS/fabric-check-sockets-4.json" \
-      > "$LOGS/fabric-check-$node.txt" 2>&1 &
-    echo $! > /tmp/fabric-$r.pid
-  done
-  wait "$(cat /tmp/fabric-0.pid)"; rc0=$?; wait "$(cat /tmp/fabric-1.pid)"; rc1=$?
-  echo "fabric check rc node-a=$rc0 node-b=$rc1"
+  fabric_check_sockets 256M fabric-sock4 "$LOGS/fabric-check-sockets-4.json" 240
   grep -v '^JSON\|NCCL INFO' "$LOGS/fabric-check-node-a.txt" | tail -22
   echo "--- NCCL transports (fabric check, both \"hosts\"):"
   grep -hE "via (NET|P2P|SHM)|Using network" "$LOGS"/fabric-check-node-*.txt |
