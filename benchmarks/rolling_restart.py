@@ -2,7 +2,8 @@
 """Latency cost of a rolling restart: tools/loadgen.py before and during rolling_restart.yml.
 
   benchmarks/rolling_restart.py -i .lab/inventory.ini [--before 60] [--concurrency 4] [--think-time 0] \
-      [--json build/bench-rolling-restart.json] [--max-p99-ratio 2] [-- EXTRA ANSIBLE ARGS]
+      [--json build/bench-rolling-restart.json] [--playbook-log build/rolling-restart.log] \
+      [--max-p99-ratio 2] [-- EXTRA ANSIBLE ARGS]
 
 1. `before`: loadgen alone for --before seconds through the balancer.
 2. `during`: loadgen started, then `ansible-playbook rolling_restart.yml`; when the playbook ends,
@@ -96,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timeout", type=float, default=120.0, help="per-request timeout")
     p.add_argument("--max-requests", type=int, default=1_000_000, help="request cap per phase")
     p.add_argument("--playbook-timeout", type=float, default=3600.0)
+    p.add_argument("--playbook-log", help="write rolling_restart.yml's whole output here (raw log)")
     p.add_argument("--max-p99-ratio", type=float, default=0.0, help="fail when p99 during/before is above (0: off)")
     p.add_argument("--json", dest="json_path", default="")
     p.add_argument("extra", nargs="*", help="extra ansible-playbook arguments (after --)")
@@ -129,6 +131,9 @@ def main(argv: list[str] | None = None) -> int:
         load.wait(timeout=args.timeout + 60)
         during = json.loads(Path(during_json).read_text())
 
+    if args.playbook_log:
+        Path(args.playbook_log).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.playbook_log).write_text(play_out)
     ratio = (during["latency_p99_s"] / before["latency_p99_s"]
              if during.get("latency_p99_s") and before.get("latency_p99_s") else None)
     print()

