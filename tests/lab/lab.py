@@ -192,21 +192,32 @@ def wait_for_systemd(index: int, timeout: float = 120) -> None:
     raise LabError(f"{host_name(index)}: systemd not up after {timeout:.0f}s (state {state!r})")
 
 
-def configure_host(index: int, pubkey: str, rename_fabric: bool) -> None:
-    """Idempotent: user, key, sshd host keys, fabric NIC name (docker re-creates eth1 on restart)."""
-    fabric = fabric_ip(index)
-    rename = ""
-    if rename_fabric:
-        rename = f"""
-nic=$(ip -o -4 addr show | awk '$4 ~ /^{fabric}\\// {{print $2}}')
-if [ "$nic" != "{RENAMED_FABRIC_NIC}" ]; then
-  ip link set "$nic" down && ip link set "$nic" name {RENAMED_FABRIC_NIC} && ip link set {RENAMED_FABRIC_NIC} up
-fi"""
-    mgmt_gateway = f"{MGMT_PREFIX}1"
-    in_host(index, f"""
-# Docker puts the default route on whichever network sorts first; management must carry it.
+def nic_names_script(index: int) -> str:
+    """Shell that gives the host's NICs their lab names: management eth0, fabric eth1 (fab0 on the
+    renamed host). Docker names them by attach order, so a restarted host or a fabric network
+    reconnected by a fault test can come back with them swapped; the inventory names the heads'
+    fabric NIC (eth1), which would then be the management one. Then the default route is put back
+    on management (a NIC taken down loses its routes)."""
+    fabric_name = fabric_nic(index)
+    return f"""
 mgmt_nic=$(ip -o -4 addr show | awk '$4 ~ /^{mgmt_ip(index)}\\// {{print $2}}')
-ip route replace default via {mgmt_gateway} dev "$mgmt_nic"
+fab_nic=$(ip -o -4 addr show | awk '$4 ~ /^{fabric_ip(index)}\\// {{print $2}}')
+if [ -n "$fab_nic" ] && {{ [ "$mgmt_nic" != eth0 ] || [ "$fab_nic" != {fabric_name} ]; }}; then
+  ip link set "$fab_nic" down && ip link set "$fab_nic" name fleetlabtmp
+  if [ "$mgmt_nic" != eth0 ]; then
+    ip link set "$mgmt_nic" down && ip link set "$mgmt_nic" name eth0 && ip link set eth0 up
+  fi
+  ip link set fleetlabtmp name {fabric_name} && ip link set {fabric_name} up
+fi
+# Docker puts the default route on whichever network sorts first; management must carry it.
+ip route replace default via {MGMT_PREFIX}1 dev eth0
+"""
+
+
+def configure_host(index: int, pubkey: str) -> None:
+    """Idempotent: user, key, sshd host keys, NIC names (docker re-creates them on restart)."""
+    in_host(index, f"""
+{nic_names_script(index)}
 id {DEPLOY_USER} >/dev/null 2>&1 || useradd -m -s /bin/bash {DEPLOY_USER}
 echo '{DEPLOY_USER} ALL=(ALL) NOPASSWD:ALL' > /etc/sudoers.d/{DEPLOY_USER}
 chmod 0440 /etc/sudoers.d/{DEPLOY_USER}
@@ -220,8 +231,23 @@ if [ ! -e /etc/ssh/.fleetlab-hostkeys ]; then
   systemctl restart ssh
 fi
 systemctl enable --now ssh >/dev/null 2>&1
-{rename}
 """)
+
+
+def fabric_nic(index: int) -> str:
+    return RENAMED_FABRIC_NIC if index == RENAMED_NIC_HOST else "eth1"
+
+
+def cut_fabric(index: int) -> None:
+    """Pull the host's fabric cable: its fabric NIC goes down inside the host. (Not `docker network
+    disconnect`: on this Docker the reconnect can fail half-way, "failed to set gateway", and leave
+    the network's bookkeeping and the host's NIC disagreeing.)"""
+    in_host(index, f"ip link set {fabric_nic(index)} down")
+
+
+def restore_fabric(index: int) -> None:
+    """Plug it back: the NIC up (its address and subnet route come back with it), lab names kept."""
+    in_host(index, f"ip link set {fabric_nic(index)} up\n" + nic_names_script(index))
 
 
 def wait_for_ssh(index: int, key: Path, timeout: float = 60) -> None:
@@ -356,7 +382,7 @@ def cmd_up(args: argparse.Namespace) -> int:
             run(["docker", "start", container_name(i)])
     for i in range(1, count + 1):
         wait_for_systemd(i)
-        configure_host(i, pubkey, rename_fabric=(i == RENAMED_NIC_HOST))
+        configure_host(i, pubkey)
         wait_for_ssh(i, key)
     ensure_model()
     inventory = STATE_DIR / "inventory.ini"
