@@ -179,9 +179,14 @@ def test_worker_cut_from_the_fabric_is_detected_and_named(fleet):
 
 
 def ray_nodes_active(fleet) -> int:
-    out = fleet["hosts"][fleet["head"]].run(f"sudo docker exec {fleet['ray']} ray status", check=False,
-                                            timeout=60).stdout
-    return out.split("Active:")[1].split("Pending:")[0].count("node_") if "Active:" in out else -1
+    """ALIVE nodes in Ray's state API (what the exporter reads). Not `ray status`: its autoscaler
+    view kept a node that the state API already had as DEAD listed as active for minutes."""
+    out = fleet["hosts"][fleet["head"]].run(f"sudo docker exec {fleet['ray']} ray list nodes --format json",
+                                            check=False, timeout=60).stdout
+    try:
+        return sum(1 for node in json.loads(out) if node.get("state") == "ALIVE")
+    except ValueError:
+        return -1
 
 
 def test_ray_head_restart_reforms_the_cluster_and_serving_goes_on(fleet):
