@@ -43,10 +43,10 @@ def session_cpu_s(sid: int) -> float:
     return total / tick
 
 
-def measure(info: dict, window: str, args) -> dict:
+def measure(info: dict, run: int, window: str, args) -> dict:
     label = window or "vLLM 1 s"
     extra = {"VLLM_FLEET_SHM_BUSY_LOOP_S": window} if window else {}
-    engine = test_engine.Engine(info, f"spin-{len(info['done'])}-{int(time.time())}",
+    engine = test_engine.Engine(info, f"spin-{run}-{int(time.time())}",
                                 engine_args=("--compilation-config", test_engine.CPU_NO_COMPILER_CC), **extra)
     try:
         engine.wait_ready()
@@ -64,7 +64,6 @@ def measure(info: dict, window: str, args) -> dict:
         os.killpg(engine.proc.pid, signal.SIGKILL)
         engine.proc.wait()
         engine.log.close()
-        info["done"].append(label)
     return {"window": label, "p50_s": statistics.median(latencies), "max_s": max(latencies),
             "cpu_s_per_request": cpu / args.requests, "latencies_s": latencies}
 
@@ -83,10 +82,10 @@ def main() -> int:
             as tmp:
         root = Path(tmp)
         (root / "state").mkdir()
-        info = {"root": root, "state": root / "state", "model": str(Path(args.model).resolve()), "done": []}
+        info = {"root": root, "state": root / "state", "model": str(Path(args.model).resolve())}
         rows = []
-        for window in windows:
-            rows.append(measure(info, window, args))
+        for run, window in enumerate(windows):
+            rows.append(measure(info, run, window, args))
             print(f"  {rows[-1]['window']:>9}: p50 {rows[-1]['p50_s']:.2f} s, max {rows[-1]['max_s']:.2f} s, "
                   f"{rows[-1]['cpu_s_per_request']:.2f} CPU s/request", flush=True)
     base = rows[0]

@@ -123,6 +123,25 @@ def when_imported(name: str, fn) -> None:
         _guard(f"patch {name}")(fn)(mod)
 
 
+def _wrap_init_once(cls, after, before=None) -> bool:
+    """Wrap ``cls.__init__`` so that ``before()`` runs first and ``after(self)`` once the object
+    exists. A class is wrapped once per process (marked); False when it already was."""
+    if getattr(cls, "_fleet_patched", False):
+        return False
+    cls._fleet_patched = True
+    orig_init = cls.__init__
+
+    @functools.wraps(orig_init)
+    def __init__(self, *args, **kwargs):
+        if before is not None:
+            before()
+        orig_init(self, *args, **kwargs)
+        after(self)
+
+    cls.__init__ = __init__
+    return True
+
+
 # ------------------------------------------------------------------ GroupCoordinator hooks
 
 def _patch_parallel_state(ps) -> None:
@@ -132,20 +151,13 @@ def _patch_parallel_state(ps) -> None:
                  "(vllm.distributed.parallel_state.GroupCoordinator not found in this vLLM)",
                  level=logging.WARNING)
         return
-    if getattr(gc, "_fleet_patched", False):
+
+    def after(coordinator):
+        _after_group_init(coordinator)
+        _wrap_pp(coordinator)
+
+    if not _wrap_init_once(gc, after, before=lambda: _before_group_init(ps)):
         return
-    gc._fleet_patched = True
-
-    orig_init = gc.__init__
-
-    @functools.wraps(orig_init)
-    def __init__(self, *args, **kwargs):
-        _before_group_init(ps)
-        orig_init(self, *args, **kwargs)
-        _after_group_init(self)
-        _wrap_pp(self)
-
-    gc.__init__ = __init__
     ACTIVE["group_init"] = "GroupCoordinator.__init__"
 
     from . import probe
@@ -415,18 +427,13 @@ def _limit_shm_spin(mod) -> None:
                  "shm_broadcast.SpinCondition not found in this vLLM)", SHM_BUSY_LOOP_ENV,
                  level=logging.WARNING)
         return
-    if getattr(cond, "_fleet_patched", False):
+
+    def after(condition):
+        if getattr(condition, "is_reader", False):
+            condition.busy_loop_s = wanted
+
+    if not _wrap_init_once(cond, after):
         return
-    cond._fleet_patched = True
-    orig_init = cond.__init__
-
-    @functools.wraps(orig_init)
-    def __init__(self, *args, **kwargs):
-        orig_init(self, *args, **kwargs)
-        if getattr(self, "is_reader", False):
-            self.busy_loop_s = wanted
-
-    cond.__init__ = __init__
     ACTIVE["shm_spin"] = "vllm.distributed.device_communicators.shm_broadcast.SpinCondition"
     log_once("shm-spin", "vllm-fleet: shm queue readers spin %.3f s after a message (vLLM: 1 s), "
              "then sleep until notified (%s)", wanted, SHM_BUSY_LOOP_ENV)
@@ -449,19 +456,9 @@ def _patch_model_runners() -> None:
         except Exception:
             continue
         cls = getattr(mod, clsname, None)
-        if cls is None or getattr(cls, "_fleet_patched", False):
-            if cls is not None:
-                found.append(f"{modname}.{clsname}")
+        if cls is None:
             continue
-        cls._fleet_patched = True
-        orig_init = cls.__init__
-
-        @functools.wraps(orig_init)
-        def __init__(self, *args, _orig=orig_init, **kwargs):
-            _orig(self, *args, **kwargs)
-            _wrap_execute_model(self)
-
-        cls.__init__ = __init__
+        _wrap_init_once(cls, _wrap_execute_model)
         found.append(f"{modname}.{clsname}")
     if found:
         ACTIVE["runner"] = "execute_model of " + " / ".join(found)
