@@ -3,6 +3,7 @@ and the Ray dashboard on the controller; the lab tests use the real ones)."""
 
 import json
 import sys
+import urllib.error
 
 import pytest
 from exporter_testlib import free_port
@@ -69,6 +70,22 @@ def test_ray_dashboard_api(stub):
     stub.state.ray_nodes = NODES
     r = query_ray(stub.url, [], 5)
     assert (r.nodes_alive, r.nodes_dead, r.gpus, r.cpus) == (2, 1, 4.0, 16.0)
+
+
+def test_ray_dashboard_with_token_authentication(stub, tmp_path):
+    stub.state.ray_nodes, stub.state.ray_token = NODES, "cluster-token-0123456789"
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        query_ray(stub.url, [], 5)
+    assert refused.value.code == 401
+    token = tmp_path / "ray-token"
+    token.write_text("cluster-token-0123456789\n")
+    r = query_ray(stub.url, [], 5, token_file=str(token))
+    assert r.nodes_alive == 2
+    # a command (ray list nodes) gets the file's path and the mode, never the token itself
+    env_dump = [sys.executable, "-c", "import json, os; print(json.dumps([{'state': 'ALIVE', 'resources_total': "
+                "{'CPU': float(os.environ['RAY_AUTH_MODE'] == 'token' and os.environ['RAY_AUTH_TOKEN_PATH'] == "
+                f"{str(token)!r})}}}}]))"]
+    assert query_ray("", env_dump, 5, token_file=str(token)).cpus == 1.0
 
 
 def test_ray_command_output(tmp_path):

@@ -207,9 +207,10 @@ class RayNode:
     """``ray start --block`` in its own session; stopped by signalling that session only (never
     ``ray stop``, which kills every Ray process on the machine, containers' included)."""
 
-    def __init__(self, ray_bin, tmp, ip, head=None):
+    def __init__(self, ray_bin, tmp, ip, token_file, head=None):
         self.ip = ip
         self.log_path = tmp / f"ray-{ip}.log"
+        self.token_file = token_file
         argv = [ray_bin, "start", "--block", "--node-ip-address", ip, "--num-cpus", "1",
                 "--num-gpus", "0", "--disable-usage-stats", "--object-store-memory", "80000000",
                 "--include-log-monitor", "false", "--temp-dir", str(tmp / "ray"),
@@ -228,9 +229,11 @@ class RayNode:
         else:
             argv += ["--address", head.address]
             self.address = head.address
-        # the fabric env of a fleet node: Ray workers inherit it from the raylet
+        # the fabric env of a fleet node: Ray workers inherit it from the raylet; token
+        # authentication on, as the ray_cluster role starts every node
         env = child_env(RAY_USAGE_STATS_ENABLED=0, GLOO_SOCKET_IFNAME="lo",
-                        FLEET_NODE_NAME=f"raynode-{ip}")
+                        FLEET_NODE_NAME=f"raynode-{ip}", RAY_AUTH_MODE="token",
+                        RAY_AUTH_TOKEN_PATH=token_file, HOME=tmp)
         self.log = open(self.log_path, "w")
         self.proc = subprocess.Popen(argv, env=env, stdout=self.log, stderr=subprocess.STDOUT,
                                      start_new_session=True)
@@ -280,11 +283,14 @@ def ray_cluster(tmp_path_factory):
     try:
         for attempt in (1, 2):  # one retry: on a saturated shared machine the GCS can time out
             tmp = tmp_path_factory.mktemp("ray")
+            token = tmp / "ray-auth-token"
+            token.write_text(uuid.uuid4().hex + uuid.uuid4().hex)
+            token.chmod(0o600)
             t0 = time.time()
             try:
-                nodes.append(RayNode(ray_bin, tmp, f"{RAY_NET}.2"))
+                nodes.append(RayNode(ray_bin, tmp, f"{RAY_NET}.2", str(token)))
                 nodes[0].wait_started()
-                nodes.append(RayNode(ray_bin, tmp, f"{RAY_NET}.3", head=nodes[0]))
+                nodes.append(RayNode(ray_bin, tmp, f"{RAY_NET}.3", str(token), head=nodes[0]))
                 nodes[1].wait_started()
                 break
             except AssertionError as exc:
@@ -330,9 +336,29 @@ def test_ray_launcher_places_one_task_per_node_and_gathers_the_table(ray_cluster
     print(f"fabric check via Ray, 2 nodes: {took:.1f}s")
 
 
-def _ray_cmd(cluster, launch_id, *args):
+def _ray_cmd(cluster, launch_id, *args, token=True):
+    token_args = ["--ray-auth-token-file", cluster[0].token_file] if token else []
     return [str(ENGINE_PY), "-m", "vllm_fleet.fabric_check.cli", "--launcher", "ray",
-            "--ray-address", cluster[0].address, "--launch-id", launch_id, *args]
+            "--ray-address", cluster[0].address, "--launch-id", launch_id, *token_args, *args]
+
+
+@pytest.mark.engine
+def test_ray_launcher_without_the_token_is_refused_by_the_cluster(ray_cluster, tmp_path):
+    """The cluster runs with token authentication: a driver without the token (none in its
+    environment or home) cannot connect; with a token file that cannot be read it stops at once."""
+    env = child_env(HOME=tmp_path)
+    env.pop("RAY_AUTH_MODE", None)
+    env.pop("RAY_AUTH_TOKEN_PATH", None)
+    r = subprocess.run(_ray_cmd(ray_cluster, "fc-ray-noauth", "--ray-timeout", "40", token=False),
+                       capture_output=True, text=True, timeout=200, env=env)
+    assert r.returncode in (1, 124), r.stdout + r.stderr
+    assert "RESULT: OK" not in r.stdout
+    assert ray_cluster[0].address in r.stderr, r.stderr[-3000:]
+    missing = tmp_path / "no-such-token"
+    r = subprocess.run(_ray_cmd(ray_cluster, "fc-ray-badfile", token=False)
+                       + ["--ray-auth-token-file", str(missing)],
+                       capture_output=True, text=True, timeout=60, env=env)
+    assert r.returncode == 1 and f"token file {missing} cannot be read" in r.stderr, r.stderr
 
 
 @pytest.mark.engine

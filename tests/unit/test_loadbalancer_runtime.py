@@ -51,7 +51,7 @@ class Balancer:
         self.backends = backends
         self.overrides = dict(dict(loadbalancer_frontend_port=self.port, loadbalancer_stats_port=self.stats_port,
                                    loadbalancer_frontend_address="127.0.0.1", loadbalancer_check_interval="500ms",
-                                   loadbalancer_check_rise=1), **overrides)
+                                   loadbalancer_check_rise=1, loadbalancer_tls=False), **overrides)
         self.config = render_config(tmp, {r: ("127.0.0.1", b.port) for r, b in backends.items()}, **self.overrides)
         self.inventory = tmp / "inventory.ini"
         self.proc = subprocess.Popen(["haproxy", "-db", "-f", str(tmp / "haproxy.cfg")],
