@@ -11,12 +11,15 @@ import os
 import re
 import shlex
 import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "tools"))
+import fleet_endpoint  # noqa: E402  (where clients connect: the front door, a head; key and CA files)
 LAB_DIR = REPO / ".lab"
 INVENTORY = LAB_DIR / "inventory.ini"
 RECAP_RE = re.compile(r"^(\S+)\s+:\s+ok=(\d+)\s+changed=(\d+)\s+unreachable=(\d+)\s+failed=(\d+)", re.M)
@@ -88,6 +91,19 @@ def lab():
     hosts, groups = read_inventory()
     return {"hosts": hosts, "groups": groups, "inventory": INVENTORY, "inventory_vars": inventory_vars(),
             "serving": groups.get("fleet_head", []) + groups.get("fleet_workers", [])}
+
+
+def head_api(lab: dict, head: str) -> dict:
+    """A head's own API: {url (…/v1), key (the engine key; '' without API auth), model}. The lab's
+    firewall lets the controller in (firewall_api_sources)."""
+    h = fleet_endpoint.head(INVENTORY, lab["inventory_vars"], head)
+    return dict(h, key=fleet_endpoint.read_key(h["key_file"]))
+
+
+def front_door(lab: dict, tenant: str = "") -> dict:
+    """The balancer: {url (https://…/v1), ca_file (the lab CA), key_file and key of the tenant, model}."""
+    door = fleet_endpoint.front_door(INVENTORY, lab["inventory_vars"], tenant)
+    return dict(door, key=fleet_endpoint.read_key(door["key_file"]))
 
 
 @pytest.fixture(scope="session")

@@ -85,14 +85,14 @@ def test_teardown_of_x_leaves_x_y_and_unrecorded_state(tmp_path, owners):
         assert plan["changed"] and os.path.exists(dead_seg) and x_old.exists(), plan
         result = run_module("fleet_launch_state", args)
         assert result["changed"], result
-        assert sorted(Path(p).name for p in result["removed_launches"]) == [
-            "x-100-aaaaaa", "x-400-dddddd", "x-500-eeeeee"]
+        assert sorted(Path(p).name for p in result["removed_launches"]) == ["x-100-aaaaaa", "x-400-dddddd"]
         assert result["removed_shm"] == [dead_seg] and not os.path.exists(dead_seg)
         assert result["kept_shm"] == [live_seg] and os.path.exists(live_seg), "a live process maps it"
+        assert [Path(p).name for p in result["kept_launches"]] == ["x-500-eeeeee"]  # its record stays
         assert x_y.exists() and (x_y / "shm").is_dir() and os.path.exists(other_seg)
         assert unrecorded.exists() and foreign.exists()
         again = run_module("fleet_launch_state", args)
-        assert not again["changed"] and again["removed_launches"] == []
+        assert not again["changed"] and again["removed_launches"] == [] and again["kept_shm"] == [live_seg]
     finally:
         foreign.unlink()
 

@@ -25,7 +25,7 @@ BALANCER_GROUP = "fleet_loadbalancer"
 TENANT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 TENANT_FIELDS = {"name", "key", "rate_limit"}
 # Port settings where 0 means "no such listener".
-OFF_PORT_VARS = {"loadbalancer_frontend_port"}
+OFF_PORT_VARS = {"loadbalancer_frontend_port", "firewall_ssh_port"}
 # vllm_fleet.launch's port blocks: the firewall opens the whole range to fabric peers only.
 LAUNCH_PORT_RANGE = (20000, 32767)
 NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,38}[a-z0-9])?$")

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import ipaddress
+
 WILDCARDS = ("0.0.0.0", "::", "[::]")
 
 
@@ -26,6 +28,28 @@ def fleet_url_host(address: str) -> str:
     return f"[{address}]" if ":" in address and not address.startswith("[") else address
 
 
+def fleet_host_addresses(hostvars, hosts) -> list:
+    """Every address the given hosts may send from: their IPv4 and (not link-local) IPv6 addresses
+    from gathered facts, and ansible_host when it is an IP. Usage:
+    ``hostvars | fleet_host_addresses(groups['fleet_monitoring'])``."""
+    out: list = []
+    for host in hosts or []:
+        hv = hostvars[host]
+        facts = hv.get("ansible_facts") or {}
+        found = list(facts.get("all_ipv4_addresses") or [])
+        found += [a for a in facts.get("all_ipv6_addresses") or []
+                  if not ipaddress.ip_address(a.split("%")[0]).is_link_local]
+        literal = str(hv.get("ansible_host") or "")
+        try:
+            ipaddress.ip_address(literal)
+            found.append(literal)
+        except ValueError:
+            pass
+        out += [a for a in found if a not in out]
+    return out
+
+
 class FilterModule:
     def filters(self):
-        return {"fleet_api_address": fleet_api_address, "fleet_url_host": fleet_url_host}
+        return {"fleet_api_address": fleet_api_address, "fleet_url_host": fleet_url_host,
+                "fleet_host_addresses": fleet_host_addresses}

@@ -16,9 +16,10 @@ description:
     (rolling restart).
   - Before a launch directory goes, the C(/dev/shm) segments its processes recorded
     (C(launches/<id>/shm/<name>)) are removed when they live in this host's IPC namespace (a
-    container started with the host's IPC), every process of the launch is gone and no process maps
-    or holds them open. Segments in a container's private C(/dev/shm) go with the container.
-    Nothing else in C(/dev/shm) is touched.
+    container started with the host's IPC), every process of the launch is proven gone and no
+    process maps or holds them open. A segment that cannot be removed on that proof is kept, and
+    so is its launch directory (the record is the only proof it is ours). Segments in a container's
+    private C(/dev/shm) go with the container. Nothing else in C(/dev/shm) is touched.
   - The rules live in C(vllm_fleet.ownership) (module_utils C(fleet_ownership)), shared with the
     plugin's start-up cleanup. Supports check mode.
 options:
@@ -63,7 +64,13 @@ removed_shm:
   returned: always
   type: list
 kept_shm:
-  description: Recorded segments of removed launches left in place (in use, or a live process).
+  description: >-
+    Recorded segments in this IPC namespace left in place: mapped, or a process of their launch
+    that cannot be proven gone (alive, or in a pid namespace this host cannot see).
+  returned: always
+  type: list
+kept_launches:
+  description: Launch directories kept because they hold the record of a kept segment.
   returned: always
   type: list
 """
@@ -72,7 +79,7 @@ import os
 import shutil
 
 from ansible.module_utils.basic import AnsibleModule
-from ansible.module_utils.fleet_ownership import (Judge, deployment_launches, files_in_use,
+from ansible.module_utils.fleet_ownership import (Judge, deployment_launches, files_in_use, ns_id,
                                                   removable_segments, shm_records)
 
 
@@ -95,13 +102,19 @@ def main():
     launches = deployment_launches(p["root"], p["deployment"])
     doomed = launches if p["state"] == "absent" else launches[:-p["keep"]]
     judge = Judge()
+    ipc = ns_id("ipc")
     in_use = files_in_use(p["shm_dir"]) if doomed else None
     segments = removable_segments(p["root"], p["deployment"], shm_dir=p["shm_dir"], launches=doomed,
                                   judge=judge, in_use=in_use)
     removable = {seg for seg, _ in segments}
-    kept = sorted(os.path.join(p["shm_dir"], r["name"]) for d in doomed for r in shm_records(d)
-                  if os.path.lexists(os.path.join(p["shm_dir"], r["name"]))
-                  and os.path.join(p["shm_dir"], r["name"]) not in removable)
+    kept, holding = [], set()
+    for d in doomed:
+        for rec in shm_records(d):
+            seg = os.path.join(p["shm_dir"], rec["name"])
+            if os.path.lexists(seg) and seg not in removable and rec.get("ipc_ns") == ipc:
+                kept.append(seg)
+                holding.add(d)  # its record is the only proof the segment is ours: the dir stays
+    doomed = [d for d in doomed if d not in holding]
     removed_shm = []
     if not module.check_mode:
         for seg in sorted(removable):
@@ -117,7 +130,7 @@ def main():
     else:
         removed_shm = sorted(removable)
     module.exit_json(changed=bool(doomed or removed_shm), removed_launches=doomed,
-                     removed_shm=removed_shm, kept_shm=kept)
+                     removed_shm=removed_shm, kept_shm=sorted(kept), kept_launches=sorted(holding))
 
 
 if __name__ == "__main__":
