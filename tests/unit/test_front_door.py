@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
 import shutil
 import ssl
 import stat
+import subprocess
 import sys
 from pathlib import Path
 
@@ -139,3 +141,19 @@ def test_balancer_files_hold_no_plaintext_tenant_key_and_are_root_only(door):
         key_file = door["secrets"] / "api-keys" / name
         assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
     assert json.dumps(door["keys"]) not in door["balancer"].config
+
+
+def test_loadgen_through_the_door_with_key_and_ca_files(door, tmp_path):
+    """tools/loadgen.py as the lab and the benchmarks use it: key and CA from files, never argv."""
+    loadgen = REPO / "tools" / "loadgen.py"
+    key_file = door["secrets"] / "api-keys" / "team-b"
+    common = ["--base-url", door["https"] + "/v1", "--model", "tiny-llama", "--requests", "4", "--duration", "30",
+              "--concurrency", "2", "--max-tokens", "4", "--timeout", "20", "--ca-file", door["ca"]]
+    ok = subprocess.run([sys.executable, str(loadgen), *common, "--api-key-file", str(key_file), "--fail-on-error",
+                         "--json", str(tmp_path / "ok.json")], capture_output=True, text=True, timeout=120)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert json.loads((tmp_path / "ok.json").read_text())["ok"] == 4
+    env = {k: v for k, v in os.environ.items() if k != "OPENAI_API_KEY"}
+    refused = subprocess.run([sys.executable, str(loadgen), *common, "--json", str(tmp_path / "no.json")],
+                             capture_output=True, text=True, timeout=120, env=env)
+    assert json.loads((tmp_path / "no.json").read_text())["errors"] == {"HTTP 401": 4}, refused.stdout
