@@ -100,6 +100,16 @@ def head_api(lab: dict, head: str) -> dict:
     return dict(h, key=fleet_endpoint.read_key(h["key_file"]))
 
 
+def first_replica(lab: dict) -> dict:
+    """The first head, its replica's serving hosts (head first) and the deployment's name."""
+    hostvars = lab["inventory_vars"]["_meta"]["hostvars"]
+    head = lab["groups"]["fleet_head"][0]
+    hv = hostvars[head]
+    members = [h for h in lab["serving"] if hostvars[h].get("fleet_replica") == hv.get("fleet_replica")]
+    return {"head": head, "members": members, "hostvars": hostvars,
+            "deployment": hv.get("fleet_deployment", "vllm-fleet")}
+
+
 def front_door(lab: dict, tenant: str = "") -> dict:
     """The balancer: {url (https://…/v1), ca_file (the lab CA), key_file and key of the tenant, model}."""
     door = fleet_endpoint.front_door(INVENTORY, lab["inventory_vars"], tenant)

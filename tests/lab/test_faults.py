@@ -20,7 +20,7 @@ import urllib.request
 
 import pytest
 
-from tests.lab.conftest import head_api, run_playbook
+from tests.lab.conftest import first_replica, head_api, run_playbook
 from tests.lab.lab import cut_fabric, fabric_ip, restore_fabric
 from tests.lab.test_monitoring import chat as monitoring_chat
 from tests.lab.test_monitoring import prometheus_of, wait_for
@@ -32,16 +32,11 @@ pytestmark = pytest.mark.day2
 
 @pytest.fixture(scope="module")
 def fleet(deployed_lab):
-    hostvars = deployed_lab["inventory_vars"]["_meta"]["hostvars"]
-    head = deployed_lab["groups"]["fleet_head"][0]
-    hv = hostvars[head]
-    members = [h for h in deployed_lab["serving"] if hostvars[h].get("fleet_replica") == hv.get("fleet_replica")]
-    deployment = hv.get("fleet_deployment", "vllm-fleet")
+    r = first_replica(deployed_lab)
+    head, members, deployment = r["head"], r["members"], r["deployment"]
     api = head_api(deployed_lab, head)
     return dict(deployed_lab, head=head, rank1=members[1], members=members, prom=prometheus_of(deployed_lab),
-                key=api["key"],
-                vllm=f"{deployment}-vllm", ray=f"{deployment}-ray",
-                model=hv.get("fleet_served_model_name") or hv["fleet_model_path"],
+                key=api["key"], vllm=f"{deployment}-vllm", ray=f"{deployment}-ray", model=api["model"],
                 url=api["url"].removesuffix("/v1"))
 
 

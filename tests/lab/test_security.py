@@ -22,7 +22,7 @@ import time
 import pytest
 import requests
 
-from tests.lab.conftest import INVENTORY, front_door, head_api, run_playbook
+from tests.lab.conftest import first_replica, front_door, head_api, run_playbook
 from tests.lab.lab import ensure_scanner, scanner_ip
 from tests.lab.test_monitoring import prometheus_of, wait_for
 
@@ -33,16 +33,13 @@ SCAN_TIMEOUT = 240  # nmap's own --host-timeout is shorter; this bounds the whol
 
 @pytest.fixture(scope="module")
 def fleet(deployed_lab):
-    hostvars = deployed_lab["inventory_vars"]["_meta"]["hostvars"]
-    head = deployed_lab["groups"]["fleet_head"][0]
-    hv = hostvars[head]
-    members = [h for h in deployed_lab["serving"] if hostvars[h].get("fleet_replica") == hv.get("fleet_replica")]
-    deployment = hv.get("fleet_deployment", "vllm-fleet")
-    return dict(deployed_lab, head=head, peer=members[1], members=members, deployment=deployment,
+    r = first_replica(deployed_lab)
+    return dict(deployed_lab, **r, peer=r["members"][1],
                 balancer=deployed_lab["groups"]["fleet_loadbalancer"][0],
-                monitoring=deployed_lab["groups"]["fleet_monitoring"][0], hostvars=hostvars,
-                image=hv.get("fleet_image"), api=head_api(deployed_lab, head), door=front_door(deployed_lab),
-                limited=front_door(deployed_lab, "lab-limited"), prom=prometheus_of(deployed_lab))
+                monitoring=deployed_lab["groups"]["fleet_monitoring"][0],
+                image=r["hostvars"][r["head"]].get("fleet_image"), api=head_api(deployed_lab, r["head"]),
+                door=front_door(deployed_lab), limited=front_door(deployed_lab, "lab-limited"),
+                prom=prometheus_of(deployed_lab))
 
 
 def ssh(fleet, host, cmd, check=True, timeout=120) -> str:

@@ -236,3 +236,21 @@ def test_ports_the_firewall_names_by_default_are_the_ports_the_other_roles_use()
     for name, value in fallbacks.items():
         assert defaults[name] == int(value), name
     assert f'firewall_launch_ports: "{launch.PORT_LO}-{launch.PORT_HI - 1}"' in fw
+
+
+def test_host_addresses_leave_out_container_bridges_and_link_local():
+    """The sources the firewall and the front door allow: a host's own interfaces, never the
+    docker0 address every Docker host shares (172.17.0.1), never link-local IPv6."""
+    sys.path.insert(0, str(REPO / "ansible" / "plugins" / "filter"))
+    from fleet import fleet_host_addresses
+
+    facts = {"interfaces": ["lo", "eth0", "docker0", "br-1a2b", "veth9", "fab0", "eth0.100"],
+             "lo": {"ipv4": {"address": "127.0.0.1"}},
+             "eth0": {"ipv4": {"address": "10.0.0.5"}, "ipv6": [{"address": "fe80::1"}, {"address": "2001:db8::5"}]},
+             "docker0": {"ipv4": {"address": "172.17.0.1"}}, "br_1a2b": {"ipv4": {"address": "172.18.0.1"}},
+             "fab0": {"ipv4": {"address": "10.1.0.5"}, "ipv4_secondaries": [{"address": "10.1.0.6"}]},
+             "eth0_100": {"ipv4": {"address": "10.2.0.5"}}}
+    hostvars = {"a": {"ansible_facts": facts, "ansible_host": "10.0.0.5"}, "b": {"ansible_host": "lb.example"},
+                "c": {"ansible_host": "10.9.9.9"}}
+    assert fleet_host_addresses(hostvars, ["a", "b", "c"]) == [
+        "10.0.0.5", "2001:db8::5", "10.1.0.5", "10.1.0.6", "10.2.0.5", "10.9.9.9"]

@@ -81,9 +81,9 @@ def test_teardown_of_x_leaves_x_y_and_unrecorded_state(tmp_path, owners):
     foreign.write_bytes(b"x")
     try:
         args = {"deployment": "x", "state": "absent", "root": str(root)}
-        plan = run_module("fleet_launch_state", args, check=True)
+        plan = run_module("fleet_launch_state", args, check=True, timeout=300)
         assert plan["changed"] and os.path.exists(dead_seg) and x_old.exists(), plan
-        result = run_module("fleet_launch_state", args)
+        result = run_module("fleet_launch_state", args, timeout=300)
         assert result["changed"], result
         assert sorted(Path(p).name for p in result["removed_launches"]) == ["x-100-aaaaaa", "x-400-dddddd"]
         assert result["removed_shm"] == [dead_seg] and not os.path.exists(dead_seg)
@@ -91,7 +91,7 @@ def test_teardown_of_x_leaves_x_y_and_unrecorded_state(tmp_path, owners):
         assert [Path(p).name for p in result["kept_launches"]] == ["x-500-eeeeee"]  # its record stays
         assert x_y.exists() and (x_y / "shm").is_dir() and os.path.exists(other_seg)
         assert unrecorded.exists() and foreign.exists()
-        again = run_module("fleet_launch_state", args)
+        again = run_module("fleet_launch_state", args, timeout=300)
         assert not again["changed"] and again["removed_launches"] == [] and again["kept_shm"] == [live_seg]
     finally:
         foreign.unlink()
@@ -103,10 +103,10 @@ def test_pruning_keeps_the_newest_launches_of_the_deployment_only(tmp_path):
         _launch(root, f"x-{i}-aaaaaa", "x", float(i))
     _launch(root, "x-y-0-aaaaaa", "x-y", 0.0)
     result = run_module("fleet_launch_state", {"deployment": "x", "state": "pruned", "keep": 2,
-                                               "root": str(root)})
+                                               "root": str(root)}, timeout=300)
     assert sorted(Path(p).name for p in result["removed_launches"]) == ["x-0-aaaaaa", "x-1-aaaaaa"]
     assert sorted(p.name for p in (root / "launches").iterdir()) == [
         "x-2-aaaaaa", "x-3-aaaaaa", "x-y-0-aaaaaa"]
     refused = run_module("fleet_launch_state", {"deployment": "x", "state": "pruned", "keep": 0,
-                                                "root": str(root)})
+                                                "root": str(root)}, timeout=300)
     assert refused["failed"] and "keeps at least the newest" in refused["msg"]

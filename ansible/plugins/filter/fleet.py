@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import ipaddress
+import re
 
 WILDCARDS = ("0.0.0.0", "::", "[::]")
 
@@ -28,24 +29,40 @@ def fleet_url_host(address: str) -> str:
     return f"[{address}]" if ":" in address and not address.startswith("[") else address
 
 
+#: Interfaces whose addresses never carry a host's own traffic to other hosts: container bridges
+#: and veths (the same 172.17.0.1 on every Docker host), loopback.
+LOCAL_ONLY_IFACES = ("lo", "docker", "br-", "virbr", "veth", "cni", "flannel", "cali", "vxlan.calico", "tunl")
+
+
 def fleet_host_addresses(hostvars, hosts) -> list:
-    """Every address the given hosts may send from: their IPv4 and (not link-local) IPv6 addresses
-    from gathered facts, and ansible_host when it is an IP. Usage:
-    ``hostvars | fleet_host_addresses(groups['fleet_monitoring'])``."""
+    """Every address the given hosts may send from: the IPv4 and (not link-local) IPv6 addresses of
+    their network interfaces in gathered facts, container bridges left out, and ansible_host when it
+    is an IP. Usage: ``hostvars | fleet_host_addresses(groups['fleet_monitoring'])``."""
     out: list = []
     for host in hosts or []:
         hv = hostvars[host]
         facts = hv.get("ansible_facts") or {}
-        found = list(facts.get("all_ipv4_addresses") or [])
-        found += [a for a in facts.get("all_ipv6_addresses") or []
-                  if not ipaddress.ip_address(a.split("%")[0]).is_link_local]
+        found = []
+        for iface in facts.get("interfaces") or []:
+            if iface.startswith(LOCAL_ONLY_IFACES):
+                continue
+            data = facts.get(iface) or facts.get(re.sub(r"[-.:]", "_", iface)) or {}
+            for v4 in [data.get("ipv4") or {}] + list(data.get("ipv4_secondaries") or []):
+                if v4.get("address"):
+                    found.append(v4["address"])
+            for v6 in data.get("ipv6") or []:
+                addr = str(v6.get("address", "")).split("%")[0]
+                if addr and not ipaddress.ip_address(addr).is_link_local:
+                    found.append(addr)
         literal = str(hv.get("ansible_host") or "")
         try:
             ipaddress.ip_address(literal)
             found.append(literal)
         except ValueError:
             pass
-        out += [a for a in found if a not in out]
+        for a in found:
+            if a not in out:
+                out.append(a)
     return out
 
 

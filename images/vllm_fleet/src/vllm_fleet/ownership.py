@@ -98,18 +98,19 @@ def launch_deployment(launch_dir: str) -> str | None:
     return None
 
 
-def member_docs(launch_dir: str) -> list[dict]:
-    d = os.path.join(launch_dir, "members")
+def _records(launch_dir: str, sub: str, valid) -> list[dict]:
+    """The JSON records in launch_dir/sub that valid(name, doc) accepts, by name."""
+    d = os.path.join(launch_dir, sub)
     try:
         names = sorted(os.listdir(d))
     except OSError:
         return []
-    docs = []
-    for name in names:
-        doc = read_json(os.path.join(d, name))
-        if isinstance(doc, dict) and name.isdigit():
-            docs.append(doc)
-    return docs
+    docs = [(name, read_json(os.path.join(d, name))) for name in names]
+    return [doc for name, doc in docs if isinstance(doc, dict) and valid(name, doc)]
+
+
+def member_docs(launch_dir: str) -> list[dict]:
+    return _records(launch_dir, "members", lambda name, doc: name.isdigit())
 
 
 def deployment_launches(root: str, deployment: str) -> list[str]:
@@ -165,17 +166,8 @@ class Judge:
 
 
 def shm_records(launch_dir: str) -> list[dict]:
-    d = os.path.join(launch_dir, "shm")
-    try:
-        names = sorted(os.listdir(d))
-    except OSError:
-        return []
-    out = []
-    for name in names:
-        doc = read_json(os.path.join(d, name))
-        if isinstance(doc, dict) and doc.get("name") == name and SHM_NAME_RE.match(name):
-            out.append(doc)
-    return out
+    return _records(launch_dir, "shm",
+                    lambda name, doc: doc.get("name") == name and bool(SHM_NAME_RE.match(name)))
 
 
 def record_segment(launch_dir: str, name: str, deployment: str | None, launch_id: str | None) -> str:
