@@ -17,7 +17,8 @@ Host 3's fabric NIC is renamed so interface detection is never "eth1 everywhere"
 Layout (inventory written by `up`): replica `a` = node1 (head) + node2 + node3, serving PP=2 on
 node1+node2 across hosts (node3 is a Ray worker of that replica); with 4+ hosts a second replica `b`
 = node4 (head) + node5.. (PP=2 when it has two hosts, else TP=2 inside node4); node3 also runs Prometheus and
-the HAProxy balancer in front of the replicas. `--hosts 3` gives one replica (behind the balancer).
+the HAProxy balancer in front of the replicas. `--hosts 3` gives one replica (node1 + node2, PP=2)
+behind node3, which then only runs the balancer and Prometheus.
 """
 from __future__ import annotations
 
@@ -337,7 +338,10 @@ def inventory_text(count: int, key: Path) -> str:
         return line + f" vllm_serve_env='{json.dumps(env)}' fleet_gpu_less=True"
 
     heads = [1] + second[:1]
-    workers = "\n".join(host_line(i) for i in range(2, count + 1) if i not in heads)
+    # With 3 hosts, node3 serves nothing (balancer + monitoring only): a dedicated front-door host,
+    # and one serving image fewer to copy on a machine shared by several labs.
+    dedicated = count == 3
+    workers = "\n".join(host_line(i) for i in range(2, count + 1) if i not in heads and not (dedicated and i == 3))
     balancer = host_name(3)
     replicas = "two replicas behind a balancer" if second else "one replica behind a balancer"
     return f"""# Written by tests/lab/lab.py for the local lab ({count} container hosts, {replicas}). Do not edit.
@@ -352,7 +356,7 @@ fleet_head
 fleet_workers
 
 [fleet_monitoring]
-{host_name(3)}
+{host_line(3) if dedicated else host_name(3)}
 
 [fleet_loadbalancer]
 {balancer}
