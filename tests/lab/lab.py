@@ -382,6 +382,9 @@ fleet_api_port=8009
 fleet_image=vllm-fleet-cpu:lab
 # Tenant keys at the front door and an engine key on the replicas, as on the cuda engine by default.
 fleet_api_auth=on
+# Ray's head opens its GCS port 20-60 s after its container starts when several labs share the
+# 2 cores; the workers' pre-check waits that long before failing.
+ray_cluster_connect_timeout=120
 # Short intervals so a dead engine shows (and alerts) within seconds on the lab.
 exporter_health_interval=2
 monitoring_scrape_interval=5s
