@@ -132,10 +132,11 @@ def deployed_lab(lab):
     return dict(lab, first_run=first)
 
 
-# The lab tier shares one deployed lab: read-only checks first, then tests that restart replicas,
+# The lab tier shares one deployed lab: read-only checks first (test_security switches the firewall
+# off and on and tears down deployments of its own only), then tests that restart replicas,
 # then the fault tests that kill, cut and restart things (each repairs what it broke).
-LAB_MODULE_ORDER = ["test_lab", "test_provision", "test_serve", "test_monitoring", "test_rolling_restart",
-                    "test_faults"]
+LAB_MODULE_ORDER = ["test_lab", "test_provision", "test_serve", "test_monitoring", "test_security",
+                    "test_rolling_restart", "test_faults"]
 
 
 def pytest_collection_modifyitems(items):

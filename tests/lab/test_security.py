@@ -46,6 +46,30 @@ def ssh(fleet, host, cmd, check=True, timeout=120) -> str:
     return fleet["hosts"][host].run(cmd, check=check, timeout=timeout).stdout
 
 
+# HTTP status of a GET from a lab host (they have python3, not curl). The bearer token comes from a
+# root-only file read by the script itself ("file:PATH"), or is given ("value:TOKEN", a wrong one).
+HTTP_STATUS = textwrap.dedent("""
+    import sys, urllib.error, urllib.request
+    headers = {}
+    if len(sys.argv) > 2:
+        kind, _, arg = sys.argv[2].partition(":")
+        token = open(arg).read().strip() if kind == "file" else arg
+        headers["Authorization"] = "Bearer " + token
+    try:
+        with urllib.request.urlopen(urllib.request.Request(sys.argv[1], headers=headers), timeout=20) as r:
+            print(r.status)
+    except urllib.error.HTTPError as exc:
+        print(exc.code)
+    except OSError as exc:
+        print("000", exc)
+""")
+
+
+def http_status(fleet, host, url, auth="") -> str:
+    fleet["hosts"][host].run(f"cat > /tmp/fleet-http-status.py <<'EOF'\n{HTTP_STATUS}\nEOF")
+    return ssh(fleet, host, f"sudo python3 /tmp/fleet-http-status.py {url} {auth}").strip().split()[0]
+
+
 def fabric_ip(fleet, host) -> str:
     env = ssh(fleet, host, "cat /etc/vllm-fleet/fabric.env")
     return re.search(r"^FLEET_RAY_NODE_IP=(\S+)$", env, re.M).group(1)
@@ -110,7 +134,7 @@ def test_port_scan_before_and_after_the_firewall(fleet, tmp_path):
 def test_monitoring_reaches_every_exporter_and_the_fabric_peers_serve_and_form_ray(fleet):
     mon = fleet["monitoring"]
     for name, host in fleet["hosts"].items():
-        code = ssh(fleet, mon, f"curl -s -o /dev/null -w '%{{http_code}}' http://{host.address}:9445/metrics")
+        code = http_status(fleet, mon, f"http://{host.address}:9445/metrics")
         assert code == "200", (name, code)
     targets = fleet["prom"].targets()
     assert targets and all(t["health"] == "up" for t in targets), [(t["scrapeUrl"], t["health"]) for t in targets]
@@ -129,13 +153,16 @@ def test_monitoring_reaches_every_exporter_and_the_fabric_peers_serve_and_form_r
         f'vllm_fleet_ray_nodes_alive{{host="{fleet["head"]}"}} == vllm_fleet_ray_nodes_expected'), timeout=120)
 
 
+# A GCS client (Ray's own, as `ray list nodes` and tests/gpu/ray_nodes_json.py use it): the node
+# table, or why not. No driver: a driver would also need the node's raylet socket.
 GCS_CLIENT = textwrap.dedent("""
-    import sys, ray
+    import sys
+    from ray._raylet import GcsClient
     try:
-        ray.init(address=sys.argv[1], logging_level="ERROR", log_to_driver=False)
-        print("CONNECTED", len(ray.nodes()))
+        nodes = GcsClient(address=sys.argv[1]).get_all_node_info(timeout=20)
+        print("CONNECTED", len(nodes))
     except Exception as exc:
-        print("REFUSED", type(exc).__name__)
+        print("REFUSED", type(exc).__name__, str(exc).splitlines()[0][:200] if str(exc) else "")
 """)
 
 
@@ -144,13 +171,9 @@ def test_ray_refuses_calls_without_the_token(fleet):
     head_ip, peer = fabric_ip(fleet, fleet["head"]), fleet["peer"]
     token_file = f"/etc/vllm-fleet/secrets/{fleet['deployment']}/ray-auth-token"
     jobs = f"http://{head_ip}:8265/api/jobs/"
-
-    def status(headers: str) -> str:
-        return ssh(fleet, peer, f"curl -s -o /dev/null -w '%{{http_code}}' {headers} {jobs}").strip()
-
-    assert status("") == "401"
-    assert status("-H 'Authorization: Bearer not-the-token'") == "403"
-    assert status(f"-H \"Authorization: Bearer $(sudo cat {token_file})\"") == "200"
+    assert http_status(fleet, peer, jobs) == "401"
+    assert http_status(fleet, peer, jobs, "value:not-the-token") == "403"
+    assert http_status(fleet, peer, jobs, f"file:{token_file}") == "200"
     # a GCS client without the token (none in its environment or home): refused by the GCS
     script = "/tmp/fleet-gcs-client.py"
     fleet["hosts"][peer].run(f"cat > {script} <<'EOF'\n{GCS_CLIENT}\nEOF")
@@ -243,7 +266,7 @@ def test_teardown_of_one_deployment_leaves_every_file_and_segment_of_the_other(f
             lid = f"{dep}-{epoch}-abcdef"
             ssh(fleet, host, f"sudo install -d -m 0700 /etc/vllm-fleet/secrets/{dep} && "
                              f"echo s3cret | sudo tee /etc/vllm-fleet/secrets/{dep}/api-key >/dev/null && "
-                             f"sudo docker run -d --name {dep}-vllm --ipc=host --label vllm-fleet.deployment={dep} "
+                             f"sudo docker run -d --init --name {dep}-vllm --ipc=host --label vllm-fleet.deployment={dep} "
                              f"--label vllm-fleet.component=vllm -v /run/vllm-fleet:/run/vllm-fleet "
                              f"-v {script}:{script}:ro -e VLLM_FLEET_DEPLOYMENT={dep} -e VLLM_FLEET_LAUNCH_ID={lid} "
                              f"--entrypoint python3 {fleet['image']} {script} >/dev/null")
@@ -255,14 +278,14 @@ def test_teardown_of_one_deployment_leaves_every_file_and_segment_of_the_other(f
         lab_before = ssh(fleet, host, f"sudo docker ps -q --filter label=vllm-fleet.deployment={fleet['deployment']}")
         run = run_playbook("teardown.yml", "--limit", host, "-e", json.dumps({
             "fleet_deployment": x, "teardown_confirm": x, "teardown_stop_exporter": False,
-            "teardown_stop_loadbalancer": False}), timeout=900)
+            "teardown_stop_loadbalancer": False, "teardown_stop_timeout": 10}), timeout=900)
         assert run.rc == 0, run.output[-10000:]
         listing = ssh(fleet, host, "sudo ls /run/vllm-fleet/launches/ /etc/vllm-fleet/secrets/ /dev/shm/")
         assert f"{xy}-{epoch}-abcdef" in listing and segs[xy] in listing and foreign.split("/")[-1] in listing
         # x's own recorded segment: removed where the teardown sees every process (a real host, and
         # tests/unit/test_launch_state.py); a lab host is a container that cannot prove its processes
         # gone, so the segment is kept and reported, never guessed
-        report = re.search(r"(\d+) recorded shm segment\(s\) removed, (\d+) kept", run.output)
+        report = re.search(r"(\d+) recorded shm segment\(s\)\s+removed,\s+(\d+)\s+kept", run.output)
         assert report and int(report.group(1)) + int(report.group(2)) == 1, run.output[-3000:]
         assert (segs[x] in listing) == (report.group(2) == "1")
         assert (f"{x}-{epoch}-abcdef" in listing) == (report.group(2) == "1")  # the record stays with it
