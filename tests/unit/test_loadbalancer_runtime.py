@@ -44,7 +44,8 @@ loadgen = load("loadgen", REPO / "tools/loadgen.py")
 
 
 class Balancer:
-    def __init__(self, tmp: Path, backends: dict[str, FakeVLLM], **overrides):
+    def __init__(self, tmp: Path, backends: dict[str, FakeVLLM], head_vars: dict[str, str] | None = None,
+                 **overrides):
         self.tmp = tmp
         self.port, self.stats_port = free_port(), free_port()
         self.socket = str(tmp / "admin.sock")
@@ -52,7 +53,8 @@ class Balancer:
         self.overrides = dict(dict(loadbalancer_frontend_port=self.port, loadbalancer_stats_port=self.stats_port,
                                    loadbalancer_frontend_address="127.0.0.1", loadbalancer_check_interval="500ms",
                                    loadbalancer_check_rise=1), **overrides)
-        self.config = render_config(tmp, {r: ("127.0.0.1", b.port) for r, b in backends.items()}, **self.overrides)
+        self.config = render_config(tmp, {r: ("127.0.0.1", b.port) for r, b in backends.items()},
+                                    head_vars=head_vars, **self.overrides)
         self.inventory = tmp / "inventory.ini"
         self.proc = subprocess.Popen(["haproxy", "-db", "-f", str(tmp / "haproxy.cfg")],
                                      stdout=open(tmp / "haproxy.log", "w"), stderr=subprocess.STDOUT)
