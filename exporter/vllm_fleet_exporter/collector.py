@@ -57,7 +57,7 @@ class FleetExporter:
         self.jobs["nccl"] = Job("nccl", self._nccl, cfg.nccl_interval_s)
         if cfg.nvml == "auto":
             self.jobs["nvml"] = Job("nvml", self.nvml.read, cfg.nvml_interval_s)
-        self.heal_log = HealLog(cfg.heal_log) if cfg.heal_log else None
+        self.heal_log = HealLog(cfg.heal_log, cfg.heal_replicas) if cfg.heal_log else None
         self.verdict: Optional[VerdictKeeper] = None
         if cfg.verdict_enabled:
             self.verdict = VerdictKeeper(cfg, self.pid_alive)

@@ -110,6 +110,8 @@ class Config:
     cgroup_root: str = "/sys/fs/cgroup"
     # The healer's records (healer host: roles/healer actions.jsonl); empty: not exported.
     heal_log: str = ""
+    # Replicas exported at 0 before their first heal.
+    heal_replicas: List[str] = dataclasses.field(default_factory=list)
 
     log_level: str = "INFO"
 

@@ -17,8 +17,9 @@ P = "vllm_fleet_"
 
 
 class HealLog:
-    def __init__(self, path: str):
+    def __init__(self, path: str, replicas=()):
         self.path = path
+        self.replicas = tuple(replicas)  # exported at 0 before their first heal: increase() works
         self._sig = None
         self.counts: Dict[Tuple[str, str], int] = {}
         self.last: Dict[Tuple[str, str], float] = {}
@@ -65,7 +66,7 @@ class HealLog:
         busy = GaugeMetricFamily(P + "heal_in_progress",
                                  "1 while a heal of the replica has started and not ended.",
                                  labels=["replica"])
-        replicas = sorted({r for r, _ in self.counts})
+        replicas = sorted({r for r, _ in self.counts} | set(self.replicas))
         for replica in replicas:
             for result in RESULTS:
                 total.add_metric([replica, result], self.counts.get((replica, result), 0))

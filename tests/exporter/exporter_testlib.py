@@ -241,6 +241,9 @@ def full_setup(tmp_path: Path, stub: "StubServer", state_root: Path, **overrides
     nvml_dir = tmp_path / "fake_nvml"
     nvml_dir.mkdir(exist_ok=True)
     (nvml_dir / "pynvml.py").write_text(FAKE_PYNVML)
+    heal_log = tmp_path / "healer-actions.jsonl"
+    heal_log.write_text(json.dumps({"ts": time.time() - 60, "replica": "a", "result": "started"}) + "\n"
+                        + json.dumps({"ts": time.time() - 10, "replica": "a", "result": "healed"}) + "\n")
     port = free_port()
     cfg = {
         "listen": f"127.0.0.1:{port}", "state_dir": str(state_root), "fabric_file": str(fabric),
@@ -252,6 +255,8 @@ def full_setup(tmp_path: Path, stub: "StubServer", state_root: Path, **overrides
                        "expected": 1}],
         "process_interval_s": 0.5, "nccl_interval_s": 0.5, "nvml_interval_s": 0.5,
         "gpus_expected": 2,
+        "verdict_enabled": True, "deployment": "vllm-fleet", "expect_engine": True,
+        "heal_log": str(heal_log),
     }
     cfg.update(overrides)
     path = tmp_path / "exporter.json"

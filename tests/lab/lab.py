@@ -43,6 +43,7 @@ LABEL = f"vllm-fleet.lab={PREFIX}"
 DEBOOTSTRAP_PACKAGES = "systemd,systemd-sysv,openssh-server,python3,sudo,iproute2,ca-certificates"
 DEFAULT_HOSTS = 4
 RENAMED_NIC_HOST = 3  # a worker: it must find its fabric NIC by route, not by name
+ALERT_SINK_PORT = 9099  # the lab's Alertmanager notifies people at http://<mgmt gateway>:9099/alerts
 
 
 def log(msg: str) -> None:
@@ -287,6 +288,12 @@ def inventory_text(count: int, key: Path) -> str:
             # The in-band all-reduce probe every 20 engine steps (default 1000): the lab's few
             # requests then feed the probe-based latency panels and rules.
             env["VLLM_FLEET_PROBE_EVERY_STEPS"] = "20"
+        if i == 3:
+            # People's receiver on the lab: a webhook to the controller (the management network's
+            # gateway), where the hang tests listen; Alertmanager retries while nobody does.
+            sink = [{"name": "lab-sink", "webhook_configs": [
+                {"url": f"http://{MGMT_PREFIX}1:{ALERT_SINK_PORT}/alerts"}]}]
+            line += f" alerting_receivers='{json.dumps(sink)}'"
         # Dicts and booleans on host lines: INI [group:vars] values are always strings.
         return line + f" vllm_serve_env='{json.dumps(env)}' fleet_gpu_less=True"
 

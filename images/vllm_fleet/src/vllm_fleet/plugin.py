@@ -11,7 +11,8 @@ Hook points (patched when their module is imported, or at once if it already is)
     after the world group exists;
   * ``GroupCoordinator._all_reduce_out_place`` -- every all-reduce, both the direct path and the
     ``torch.ops.vllm.all_reduce`` custom-op path go through it: watchdog + eager sampling;
-  * ``GroupCoordinator.all_gather / reduce_scatter / broadcast / barrier`` -- watchdog only;
+  * ``GroupCoordinator.all_gather / reduce_scatter / broadcast / barrier`` and the synchronous
+    PP transfers ``send_tensor_dict / recv_tensor_dict / send / recv`` -- watchdog only;
   * model runner ``__init__`` (``vllm.v1.worker.gpu_model_runner.GPUModelRunner``, which the CPU
     runner subclasses, and the V2 runner ``vllm.v1.worker.gpu.model_runner.GPUModelRunner``) --
     wraps the instance's ``execute_model`` (called once per step on every rank, also by the Ray
@@ -183,7 +184,10 @@ def _patch_parallel_state(ps) -> None:
                  "watchdog (GroupCoordinator._all_reduce_out_place not found)",
                  level=logging.WARNING)
 
-    for op in ("all_gather", "reduce_scatter", "gather", "broadcast", "barrier"):
+    # The synchronous point-to-point transfers between pipeline stages (the CPU engine's PP path):
+    # a stage waiting for a peer that never sends (a cut link, a frozen stage) is stuck too.
+    for op in ("all_gather", "reduce_scatter", "gather", "broadcast", "barrier",
+               "send_tensor_dict", "recv_tensor_dict", "send", "recv"):
         if hasattr(gc, op):
             setattr(gc, op, _watched(getattr(gc, op), op))
             ACTIVE[f"watch_{op}"] = f"GroupCoordinator.{op}"
