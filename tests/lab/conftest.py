@@ -109,7 +109,7 @@ def deployed_lab(lab):
 # The lab tier shares one deployed lab: read-only checks first, then tests that restart replicas,
 # then the fault tests that kill, cut and restart things (each repairs what it broke).
 LAB_MODULE_ORDER = ["test_lab", "test_provision", "test_serve", "test_monitoring", "test_rolling_restart",
-                    "test_faults"]
+                    "test_hang", "test_faults"]
 
 
 def pytest_collection_modifyitems(items):

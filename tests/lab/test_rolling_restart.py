@@ -118,8 +118,8 @@ def test_failed_gate_keeps_the_replica_out_while_the_others_serve(fleet, tmp_pat
     assert failed.rc != 0
     assert f"replica {first} failed and is kept out of the balancer (maint)" in failed.output
     servers = haproxy_servers(fleet)
-    assert servers[first] == "MAINT"
-    assert all(status == "UP" for name, status in servers.items() if name != first)
+    assert servers[first] == "MAINT" and servers[f"{first}-fallback"] == "MAINT", "its backup entry too"
+    assert all(status == "UP" for name, status in servers.items() if not name.startswith(first))
     load, out = start_load(fleet, tmp_path, "degraded", duration=20)
     load.wait(timeout=300)
     assert json.loads(out.read_text())["failed"] == 0, "the other replicas keep serving"

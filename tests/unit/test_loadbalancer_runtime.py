@@ -61,7 +61,7 @@ class Balancer:
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
             try:
-                if all(s["status"] == "UP" for s in self.servers().values()):
+                if all(s["status"].startswith("UP") for s in self.servers().values()):
                     return
             except (haproxy_module.RuntimeApiError, KeyError):
                 pass
@@ -135,15 +135,18 @@ def changed(proc: subprocess.CompletedProcess) -> int:
 def test_module_reads_and_sets_states_idempotently_through_ansible(fleet):
     balancer, _ = fleet
     servers = balancer.servers()
-    assert {n: (s["admin_state"], s["status"]) for n, s in servers.items()} == {
-        "r1": ("ready", "UP"), "r2": ("ready", "UP")}
+    assert {n: (s["admin_state"], s["status"].split()[0], s["backup"]) for n, s in servers.items()} == {
+        "r1": ("ready", "UP", False), "r2": ("ready", "UP", False),
+        "r1-fallback": ("ready", "UP", True), "r2-fallback": ("ready", "UP", True)}
     assert set_state(balancer, "r1", "drain", "--check") and balancer.servers()["r1"]["admin_state"] == "ready", \
         "--check changes nothing"
+    # a replica's backup entry (loadbalancer_verdict_fallback) follows its server
     assert changed(set_state(balancer, "r1", "drain")) == 1
-    assert balancer.servers()["r1"]["admin_state"] == "drain"
+    assert [balancer.servers()[n]["admin_state"] for n in ("r1", "r1-fallback", "r2-fallback")] == \
+        ["drain", "drain", "ready"]
     assert changed(set_state(balancer, "r1", "drain")) == 0, "idempotent"
     assert changed(set_state(balancer, "r1", "maint")) == 1
-    assert balancer.servers()["r1"]["status"] == "MAINT"
+    assert balancer.servers()["r1"]["status"] == "MAINT" and balancer.servers()["r1-fallback"]["status"] == "MAINT"
     assert changed(set_state(balancer, "r1", "ready")) == 1
     assert balancer.servers()["r1"]["status"] == "UP"
     assert changed(set_state(balancer, "r1", "ready")) == 0
@@ -157,7 +160,7 @@ def test_module_names_an_unknown_server(fleet):
                            "-e", "server=r9", "-e", "state=drain"], cwd=REPO, capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode != 0
-    assert "has no server 'r9' (it has: r1, r2)" in proc.stdout
+    assert "has no server 'r9' (it has: r1, r1-fallback, r2, r2-fallback)" in proc.stdout
 
 
 READY_PROVEN_PLAYBOOK = """
@@ -182,7 +185,7 @@ READY_PROVEN_PLAYBOOK = """
 
 def test_deploy_puts_back_only_the_replicas_its_smoke_test_proved(fleet):
     balancer, _ = fleet
-    for server in ("r1", "r2"):  # both left out, e.g. by an interrupted rolling restart
+    for server in ("r1", "r2", "r1-fallback", "r2-fallback"):  # left out by an interrupted rolling restart
         haproxy_module.command(balancer.socket, f"set server vllm/{server} state maint")
     playbook = balancer.tmp / "ready_proven.yml"
     playbook.write_text(READY_PROVEN_PLAYBOOK)
@@ -197,6 +200,7 @@ def test_deploy_puts_back_only_the_replicas_its_smoke_test_proved(fleet):
     servers = balancer.servers()
     assert (servers["r1"]["admin_state"], servers["r1"]["status"]) == ("ready", "UP"), "waited until UP"
     assert servers["r2"]["status"] == "MAINT", "a replica this run did not test keeps its state"
+    assert servers["r1-fallback"]["admin_state"] == "ready" and servers["r2-fallback"]["status"] == "MAINT"
     assert changed(first) == 1 and changed(converge()) == 0
 
 
@@ -332,6 +336,7 @@ def test_rolling_restart_playbook_under_load_zero_failed_and_a_failed_gate_keeps
         assert "replica r2 (head-r2) restarted" not in failed.stdout
         servers = balancer.servers()
         assert servers["r1"]["status"] == "MAINT" and servers["r2"]["status"] == "UP"
+        assert servers["r1-fallback"]["status"] == "MAINT", "its backup entry stays out with it"
     finally:
         result["_gen"].stop_event.set()
         thread.join(60)
