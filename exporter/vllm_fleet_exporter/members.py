@@ -2,7 +2,9 @@
 
 Every vLLM process of a launch registers itself in ``launches/<id>/members/<pid>`` (plugin,
 docs/design.md) with its pid *as seen inside its container* and its start time in clock ticks
-after boot. The start time is the same in every pid namespace, so (container pid, start ticks)
+after boot; the long-lived ones (fleet-serve's exec'd ``main`` process, the ``engine`` core, each
+``worker``) also with their role. Only those are judged: vLLM starts short-lived helpers too (a
+model-inspection subprocess, say) that load the plugin and exit. The start time is the same in every pid namespace, so (container pid, start ticks)
 names one process for its whole life; the host pid is found by matching the last ``NSpid`` entry
 of /proc/<pid>/status. Why not the docker socket: read access to it is root-equivalent (see
 procscan.py); everything here is world-readable in /proc and /sys/fs/cgroup.
@@ -22,17 +24,26 @@ from typing import Dict, Iterable, List, Optional, Tuple
 Key = Tuple[int, int]  # (pid inside its namespace, start ticks)
 
 
+ROLES = ("main", "engine", "worker")
+
+
 @dataclasses.dataclass(frozen=True)
 class Member:
     pid: int  # as registered (the process's own pid namespace)
     start_ticks: int
     state: str  # running | stopped | frozen | exited
     host_pid: Optional[int]
+    role: str = ""
 
 
 def read_registry(launch_dir: str) -> List[Key]:
-    """(pid, start_ticks) of every registered member; files without a start time are skipped
-    (a pid alone could name a reused pid)."""
+    """(pid, start_ticks) of every registered long-lived member (a role of ROLES); files without
+    a start time are skipped (a pid alone could name a reused pid)."""
+    return [k for k, _ in read_roles(launch_dir)]
+
+
+def read_roles(launch_dir: str) -> List[Tuple[Key, str]]:
+    """((pid, start_ticks), role) of every registered long-lived member."""
     d = os.path.join(launch_dir, "members")
     try:
         names = os.listdir(d)
@@ -45,7 +56,8 @@ def read_registry(launch_dir: str) -> List[Key]:
         try:
             with open(os.path.join(d, name), encoding="utf-8") as fh:
                 doc = json.load(fh)
-            out.append((int(doc["pid"]), int(doc["start_ticks"])))
+            if doc.get("role") in ROLES:
+                out.append(((int(doc["pid"]), int(doc["start_ticks"])), str(doc["role"])))
         except (OSError, ValueError, KeyError, TypeError):
             continue
     return sorted(out)
@@ -136,7 +148,8 @@ class MemberTracker:
             if ns is not None and ns in by_ticks[st[1]]:
                 self._host_pid[(ns, st[1])] = host_pid
 
-    def states(self, registered: List[Key]) -> List[Member]:
+    def states(self, registered: List[Key], roles: Optional[Dict[Key, str]] = None) -> List[Member]:
+        roles = roles or {}
         keys = set(registered)
         for k in list(self._host_pid):
             if k not in keys:
@@ -149,7 +162,7 @@ class MemberTracker:
             st = _stat(self.proc_root, host_pid) if host_pid is not None else None
             if st is None or st[1] != ticks:  # gone (or the host pid was reused)
                 self._host_pid.pop(key, None)
-                out.append(Member(pid, ticks, "exited", None))
+                out.append(Member(pid, ticks, "exited", None, roles.get(key, "")))
                 continue
             if st[0] in ("T", "t"):
                 state = "stopped"
@@ -157,5 +170,5 @@ class MemberTracker:
                 state = "frozen"
             else:
                 state = "running"
-            out.append(Member(pid, ticks, state, host_pid))
+            out.append(Member(pid, ticks, state, host_pid, roles.get(key, "")))
         return out

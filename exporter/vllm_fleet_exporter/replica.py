@@ -14,7 +14,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from .config import Config
 from .jobs import Job
 from .launchstate import LaunchReader
-from .members import MemberTracker, read_registry
+from .members import MemberTracker, read_roles
 from .probes import fetch_verdict
 from .verdict import (HOST_REASONS, REPLICA_REASONS, STATES, MemberReport, ReplicaJudge, Verdict,
                       host_problems, read_maintenance)
@@ -79,7 +79,10 @@ class VerdictKeeper:
                               self.cfg.collective_stale_after_s)
         launch_id = str(st.launch.get("launch_id") or "") if st.launch_dir else ""
         created = st.launch.get("created") if st.launch_dir else None
-        members = self.tracker.states(read_registry(st.launch_dir)) if st.launch_dir else []
+        members = []
+        if st.launch_dir:
+            roles = dict(read_roles(st.launch_dir))
+            members = self.tracker.states(sorted(roles), roles)
         own = host_problems(self.cfg.host, st.launch_dir, members, st.collectives, now,
                             self.cfg.heartbeat_max_age_s, self.cfg.expect_engine)
         maintenance = read_maintenance(self.cfg.state_dir, self.cfg.deployment, now)

@@ -91,14 +91,13 @@ def host_problems(host: str, launch_dir: Optional[str], members, collectives, no
         return []
     out = []
     for m in members:
+        what = f"{host}: {m.role or 'process'} {m.pid}"
         if m.state == "exited":
-            out.append(Problem("member_exited", f"{host}: process {m.pid} of the launch exited"))
+            out.append(Problem("member_exited", f"{what} of the launch exited"))
         elif m.state == "stopped":
-            out.append(Problem("member_stopped",
-                               f"{host}: process {m.pid} (host pid {m.host_pid}) is stopped"))
+            out.append(Problem("member_stopped", f"{what} (host pid {m.host_pid}) is stopped"))
         elif m.state == "frozen":
-            out.append(Problem("member_frozen",
-                               f"{host}: process {m.pid} (host pid {m.host_pid}) is frozen"))
+            out.append(Problem("member_frozen", f"{what} (host pid {m.host_pid}) is frozen"))
     for c in collectives:
         age = now - c.updated
         if heartbeat_max_age_s > 0 and age > heartbeat_max_age_s:

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from vllm_fleet_exporter.launchstate import Collective
-from vllm_fleet_exporter.members import Member, MemberTracker, cgroup_frozen, read_registry
+from vllm_fleet_exporter.members import (Member, MemberTracker, cgroup_frozen, read_registry,
+                                         read_roles)
 from vllm_fleet_exporter.verdict import (MemberReport, ReplicaJudge, host_problems,
                                          read_maintenance)
 
@@ -24,10 +25,13 @@ def start_ticks(pid: int) -> int:
     return int(data[data.rindex(b")") + 2:].split()[19])
 
 
-def register(launch_dir: Path, pid: int) -> None:
+def register(launch_dir: Path, pid: int, role: str | None = "worker") -> None:
     d = launch_dir / "members"
     d.mkdir(parents=True, exist_ok=True)
-    (d / str(pid)).write_text(json.dumps({"pid": pid, "start_ticks": start_ticks(pid)}))
+    doc = {"pid": pid, "start_ticks": start_ticks(pid)}
+    if role:
+        doc["role"] = role
+    (d / str(pid)).write_text(json.dumps(doc))
 
 
 @pytest.fixture
@@ -69,9 +73,19 @@ def test_reused_pid_is_not_the_member(tmp_path, child):
     """Same pid, other start time: the registered process is gone."""
     d = tmp_path / "members"
     d.mkdir()
-    (d / str(child.pid)).write_text(json.dumps({"pid": child.pid,
+    (d / str(child.pid)).write_text(json.dumps({"pid": child.pid, "role": "worker",
                                                "start_ticks": start_ticks(child.pid) - 1}))
     assert [m.state for m in MemberTracker().states(read_registry(str(tmp_path)))] == ["exited"]
+
+
+def test_only_long_lived_members_are_judged(tmp_path, child):
+    """A helper vLLM starts and that exits (no role) is not a member the verdict judges."""
+    helper = subprocess.Popen([sys.executable, "-c", "pass"])
+    register(tmp_path, helper.pid, role=None)
+    helper.wait()
+    register(tmp_path, child.pid, role="engine")
+    assert read_registry(str(tmp_path)) == [(child.pid, start_ticks(child.pid))]
+    assert dict(read_roles(str(tmp_path))) == {(child.pid, start_ticks(child.pid)): "engine"}
 
 
 def _freezer_cgroup(name: str):

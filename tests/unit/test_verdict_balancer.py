@@ -47,7 +47,7 @@ class Replica:
         (launch / "launch.json").write_text(json.dumps(
             {"launch_id": f"dep-{name}-1", "deployment": "dep", "created": time.time() - 5}))
         (launch / "members" / str(self.member.pid)).write_text(json.dumps(
-            {"pid": self.member.pid, "start_ticks": start_ticks(self.member.pid)}))
+            {"pid": self.member.pid, "start_ticks": start_ticks(self.member.pid), "role": "worker"}))
         self.agent_port = free_port()
         self.port = free_port()
         cfg = tmp / f"exporter-{name}.json"

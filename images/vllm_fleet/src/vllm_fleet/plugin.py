@@ -20,6 +20,9 @@ Hook points (patched when their module is imported, or at once if it already is)
   * the PP group's ``isend_tensor_dict`` / ``irecv_tensor_dict`` (instance attributes, CUDA
     workers) -- sampled per-work NCCL timing of the real pipeline transfers (RayExecutorV2 and mp
     executor), and its device communicator's ``send`` (Ray's compiled-graph executor; probe.py);
+  * ``vllm.v1.engine.core.EngineCore.__init__`` -- marks the engine core process a long-lived
+    member of the launch (``members/<pid>`` role ``engine``; workers get ``worker`` after their
+    group init, fleet-serve's exec'd process ``main``): the exporter's verdict judges those;
   * ``vllm.ray.ray_env.RAY_NON_CARRY_OVER_ENV_VARS`` (driver) -- the per-node fabric variables
     stay with each Ray node instead of being copied from the driver to every Ray worker.
   * ``vllm.distributed.device_communicators.shm_broadcast.SpinCondition.__init__`` -- only with
@@ -273,6 +276,7 @@ def _after_group_init(coordinator) -> None:
         rec.rank = wd.rank
         wd.flushers.append(rec.flush)
         wd.start()
+        _register_member("worker")
         _patch_model_runners()
         _worker_ready = True
         logger.info("vllm-fleet: hooks active in worker rank %s (pid %d): %s; watchdog threshold "
@@ -541,10 +545,18 @@ def _cleanup_once() -> None:
 
 
 @_guard("member registry")
-def _register_member() -> None:
+def _register_member(role: str | None = None) -> None:
     from . import state
 
-    state.register_member()
+    state.register_member(role=role)
+
+
+@_guard("engine member")
+def _patch_engine_core(core) -> None:
+    """The engine core process is a long-lived member of the launch (the verdict judges it)."""
+    cls = getattr(core, "EngineCore", None)
+    if cls is not None and _wrap_init_once(cls, lambda _self: _register_member("engine")):
+        ACTIVE["engine_member"] = "EngineCore.__init__"
 
 
 def register() -> None:
@@ -563,6 +575,7 @@ def register() -> None:
             _cleanup_once()
             _register_member()
             when_imported("vllm.distributed.parallel_state", _patch_parallel_state)
+            when_imported("vllm.v1.engine.core", _patch_engine_core)
             when_imported("vllm.ray.ray_env", _keep_node_env_local)
             when_imported("vllm.distributed.device_communicators.shm_broadcast", _limit_shm_spin)
             logger.debug("vllm-fleet plugin registered in pid %d", os.getpid())
