@@ -336,7 +336,8 @@ fleet_tensor_parallel_size=1
 fleet_pipeline_parallel_size=2
 fleet_max_model_len=512
 fleet_api_port=8009
-fleet_image=vllm-fleet-cpu:lab
+# Tagged after the lab's prefix: labs side by side on one machine build on the same Docker engine.
+fleet_image=vllm-fleet-cpu:{PREFIX}
 # Short intervals so a dead engine shows (and alerts) within seconds on the lab.
 exporter_health_interval=2
 monitoring_scrape_interval=5s
