@@ -39,7 +39,7 @@ class VerdictKeeper:
         self.reports: Dict[str, MemberReport] = {u: MemberReport(u) for u in cfg.replica_member_urls}
         self.last_health_ok: Optional[float] = None
         self.canary_failures = 0  # in a row
-        self.ray_state = None  # (alive, expected) from the Ray job
+        self.ray_state: Optional[int] = None  # ALIVE nodes at the last successful Ray query
         self.host_verdict: Optional[Verdict] = None
         self.jobs: Dict[str, Job] = {
             "verdict": Job("verdict", self.evaluate, cfg.verdict_interval_s,
@@ -136,9 +136,9 @@ class VerdictKeeper:
         hv = self.host_verdict or v
         out: List[Metric] = []
         hh = GaugeMetricFamily(P + "host_healthy",
-                               "1 when no process of this host's launch is exited, stopped, "
-                               "frozen, silent or stuck (the host verdict).")
-        hh.add_metric([], 0 if hv.problems else 1)
+                               "0 when a process of this host's launch is exited, stopped, "
+                               "frozen, silent or stuck (the host verdict; 1 in maintenance).")
+        hh.add_metric([], 0 if hv.state == "unhealthy" else 1)
         hp = GaugeMetricFamily(P + "host_problem", "1 while the host verdict has this problem.",
                                labels=["reason"])
         active = {p.reason for p in hv.problems}
