@@ -6,7 +6,7 @@
 
 Makes a random-weight model of --size-gib (1 GiB safetensors shards + config.json + its own
 MANIFEST.sha256) under .lab/bench-model, serves it from real servers on the lab's management
-gateway (hf: olah, a self-hosted Hub mirror from PyPI, serving a git-lfs repo made here; s3:
+gateway (hf: olah, a self-hosted Hub mirror from PyPI (.venv), serving a git-lfs repo made here; s3:
 moto's server; http: nginx from Debian), and for each source runs `deploy.yml --tags model` on
 --hosts with fleet_model_path=/var/lib/vllm-fleet/models/bench (the lab's own model is not
 touched), then again with nothing changed. Counts what leaves this machine towards the lab's
@@ -130,10 +130,6 @@ class Servers:
         raise RuntimeError(f"nothing listens on {self.gateway}:{port} after {timeout:.0f}s")
 
     def hf(self) -> str:
-        venv = LAB / "olah-venv"
-        if not (venv / "bin" / "olah-cli").exists():
-            sh([sys.executable, "-m", "venv", str(venv)])
-            sh([str(venv / "bin" / "pip"), "install", "-q", "olah==0.5.4"], timeout=900)
         repo = self.work / "hf" / "mirrors" / "models" / "bench" / "model"
         if not (repo / ".git").exists():
             shutil.rmtree(repo, ignore_errors=True)
@@ -154,7 +150,7 @@ class Servers:
         conf.write_text(f'[basic]\nhost = "{self.gateway}"\nport = {PORTS["hf"]}\n'
                         f'mirrors-path = ["{self.work / "hf" / "mirrors"}"]\nrepos-path = "{self.work / "hf" / "cache"}"\n'
                         f'[accessibility]\noffline = true\n')
-        self._spawn([str(venv / "bin" / "olah-cli"), "-c", str(conf)], "olah", cwd=self.work)
+        self._spawn([str(Path(sys.executable).parent / "olah-cli"), "-c", str(conf)], "olah", cwd=self.work)
         self._wait_port(PORTS["hf"])
         return f"hf://bench/model@{self.hf_revision}"
 
@@ -334,6 +330,7 @@ def main() -> int:
             servers.stop()
             if source == "node":
                 node(hosts, names[0], "rm -rf /srv/bench-src")
+            shutil.rmtree(work / "hf", ignore_errors=True)  # the mirror's git-lfs copy of the model
         if args.old:
             wipe(hosts, names)
             old_tree = Path(tempfile.mkdtemp(prefix="fleetmodel-old-"))

@@ -912,6 +912,7 @@ def main(argv=None) -> int:
     ap.add_argument("--deadline", type=float, default=3600, help="seconds this command may take")
     ap.add_argument("--origin", default="")
     ap.add_argument("--margin-mib", type=int, default=1024)
+    ap.add_argument("--pinned", default="", help="manifest-dir: model_manifest as JSON (wins; must agree)")
     ap.add_argument("--todo", help="push: JSON list of the files the seed lacks")
     ap.add_argument("--ssh-command", default="ssh")
     ap.add_argument("--rsync-path", default="rsync")
@@ -941,6 +942,7 @@ def run(args, deadline: float) -> dict:
         return push(args, deadline)
     if args.command == "manifest-dir":
         m = manifest_of_dir(args.dir, Cache(args.cache), args.progress, args.origin)
+        m = apply_pin(m, json.loads(args.pinned) if args.pinned else {})
         m["source"] = args.dir
         return m
     if args.command == "resolve":
