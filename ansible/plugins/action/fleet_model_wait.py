@@ -76,5 +76,11 @@ class ActionModule(ActionBase):
         if status.get("rc", 1) != 0 or "error" in data:
             why = data.get("error") or (status.get("stderr") or out or status.get("msg") or "no output")[-2000:]
             return dict(result, failed=True, data=data, msg=f"node {host}: {label}: {why}")
-        return dict(result, changed=False, data=data, elapsed=round(elapsed, 1),
-                    msg=f"node {host}: {label}: done in {elapsed:.0f} s")
+        moved = [f"{data[k]:,} bytes {k.split('_')[1]}" for k in ("bytes_received", "bytes_sent")
+                 if isinstance(data.get(k), int)]
+        if isinstance(data.get("fetched"), list) and data["fetched"]:
+            moved.append(f"{len(data['fetched'])} file(s), {data.get('bytes', 0):,} bytes downloaded")
+        msg = f"node {host}: {label}: done in {elapsed:.0f} s" + (f" ({', '.join(moved)})" if moved else "")
+        if moved:
+            display.display(f"  [{host}] {label}: done in {elapsed:.0f} s ({', '.join(moved)})")
+        return dict(result, changed=False, data=data, elapsed=round(elapsed, 1), msg=msg)
