@@ -10,8 +10,8 @@ gateway (hf: olah, a self-hosted Hub mirror from PyPI (.venv), serving a git-lfs
 moto's server; http: nginx from Debian), and for each source runs `deploy.yml --tags model` on
 --hosts with fleet_model_path=/var/lib/vllm-fleet/models/bench (the lab's own model is not
 touched), then again with nothing changed. Counts what leaves this machine towards the lab's
-management network with iptables counters in a chain of its own (FLEETMODEL_BENCH, removed at the
-end): the controller's SSH (Ansible + the controller-directory push) and each source server. The
+management network with nftables counters in a table of its own (inet fleetmodel_bench, removed at
+the end; `nft` from Debian's nftables): the controller's SSH (Ansible + the controller-directory push) and each source server. The
 node-to-node fan-out runs on the fabric network and never crosses this machine's stack.
 
 --old also runs the previous copy path (the model role of `main` at the commit named by
@@ -40,7 +40,7 @@ from tests.lab.conftest import read_inventory  # noqa: E402  (the lab's own inve
 
 LAB = Path(os.environ.get("FLEETLAB_DIR", REPO / ".lab"))
 MODEL_PATH = "/var/lib/vllm-fleet/models/bench"
-CHAIN = "FLEETMODEL_BENCH"
+TABLE = "fleetmodel_bench"
 PORTS = {"hf": 18090, "s3": 18091, "http": 18092}
 GIB = 1 << 30
 
@@ -179,35 +179,43 @@ http {{ access_log {self.work}/nginx-access.log; sendfile on;
         return f"http://{self.gateway}:{PORTS['http']}/"
 
 
+def wheelhouse() -> str:
+    """The seed's clients as wheels: the lab's hosts reach no package index of their own."""
+    where = LAB / "model-wheels"
+    if not any(where.glob("huggingface_hub-*.whl")):
+        sh([sys.executable, "-m", "pip", "download", "-q", "-d", str(where), "huggingface-hub==2.4.0", "boto3==1.44.5"],
+           timeout=900)
+    return str(where)
+
+
 # --- counters -----------------------------------------------------------------------------------
 
 class Egress:
-    """Bytes this machine sends to the lab's management subnet: to port 22 (the controller:
-    Ansible and the push) and from each source server's port."""
+    """Bytes this machine sends to the lab's management subnet, counted by an nftables table of
+    its own (no other table touched): to port 22 (the controller: Ansible and the push) and from
+    each source server's port."""
 
     def __init__(self, subnet: str):
         self.subnet = subnet
-        sh(["iptables", "-N", CHAIN], check=False)
-        sh(["iptables", "-F", CHAIN])
-        if sh(["iptables", "-C", "OUTPUT", "-d", subnet, "-j", CHAIN], check=False).returncode != 0:
-            sh(["iptables", "-I", "OUTPUT", "-d", subnet, "-j", CHAIN])
-        sh(["iptables", "-A", CHAIN, "-p", "tcp", "--dport", "22"])
-        for port in PORTS.values():
-            sh(["iptables", "-A", CHAIN, "-p", "tcp", "--sport", str(port)])
-
-    def read(self) -> dict:
-        out = sh(["iptables", "-L", CHAIN, "-v", "-x", "-n"]).stdout.splitlines()[2:]
-        rows = [line.split() for line in out if line.strip()]
-        names = ["controller_ssh"] + [f"source_{k}" for k in PORTS]
-        return {name: int(row[1]) for name, row in zip(names, rows)}
+        self.names = ["controller_ssh"] + [f"source_{k}" for k in PORTS]
+        self.reset()
 
     def reset(self) -> None:
-        sh(["iptables", "-Z", CHAIN])
+        sh(["nft", "delete", "table", "inet", TABLE], check=False)
+        rules = [f"ip daddr {self.subnet} tcp dport 22 counter"]
+        rules += [f"ip daddr {self.subnet} tcp sport {port} counter" for port in PORTS.values()]
+        sh(["nft", f"add table inet {TABLE}; add chain inet {TABLE} out {{ type filter hook output priority 0; "
+                   f"policy accept; }}"])
+        for rule in rules:
+            sh(["nft", f"add rule inet {TABLE} out {rule}"])
+
+    def read(self) -> dict:
+        text = sh(["nft", "list", "table", "inet", TABLE]).stdout
+        counts = [int(b) for b in __import__("re").findall(r"counter packets \d+ bytes (\d+)", text)]
+        return dict(zip(self.names, counts))
 
     def remove(self) -> None:
-        sh(["iptables", "-D", "OUTPUT", "-d", self.subnet, "-j", CHAIN], check=False)
-        sh(["iptables", "-F", CHAIN], check=False)
-        sh(["iptables", "-X", CHAIN], check=False)
+        sh(["nft", "delete", "table", "inet", TABLE], check=False)
 
 
 # --- runs ---------------------------------------------------------------------------------------
@@ -303,11 +311,12 @@ def main() -> int:
                    timeout=1800)
                 extra["fleet_model_source"] = "node:/srv/bench-src"
             elif source == "hf":
-                extra.update(fleet_model_source=servers.hf(), model_hf_endpoint=f"http://{gateway}:{PORTS['hf']}")
+                extra.update(fleet_model_source=servers.hf(), model_hf_endpoint=f"http://{gateway}:{PORTS['hf']}",
+                             model_fetch_wheelhouse=wheelhouse())
             elif source == "s3":
                 extra.update(fleet_model_source=servers.s3(), model_s3_endpoint_url=f"http://{gateway}:{PORTS['s3']}",
                              model_s3_region="us-east-1", model_s3_access_key_id="bench",
-                             model_s3_secret_access_key="bench")
+                             model_s3_secret_access_key="bench", model_fetch_wheelhouse=wheelhouse())
             elif source == "http":
                 extra["fleet_model_source"] = servers.http()
             egress.reset()
