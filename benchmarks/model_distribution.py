@@ -230,8 +230,11 @@ def shlex_quote(s: str) -> str:
 
 
 def wipe(hosts, names) -> None:
+    """The bench model and its state only (the lab's own model and tests keep theirs)."""
+    key = hashlib.sha1(MODEL_PATH.encode()).hexdigest()[:12]
+    state = "/var/lib/vllm-fleet/model-state"
     for n in names:
-        node(hosts, n, f"rm -rf {MODEL_PATH} /var/lib/vllm-fleet/model-state /srv/bench-src")
+        node(hosts, n, f"rm -rf {MODEL_PATH} {state}/{key}.* {state}/work-{key} {state}/wheels /srv/bench-src")
 
 
 def playbook(repo: Path, inventory: Path, extra: dict, limit: str, logfile: Path, kill_when=None) -> dict:

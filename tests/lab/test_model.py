@@ -54,11 +54,13 @@ def placed(lab, tmp_path_factory):
 def test_controller_directory_reaches_every_node_through_the_fabric(placed):
     out = placed["first"].output
     seed = placed["groups"]["fleet_head"][0]
-    assert re.search(rf"\[{seed}\] pushing to \S+@", out), out[-3000:]
+    # each job's closing line: "[host] <label>: done in N s (B bytes sent|received)"
+    assert re.search(rf"\[{seed}\] pushing \S+ to {seed}: done in \d+ s \([\d,]+ bytes sent\)", out), out[-3000:]
     fabric = {h: on(placed, h, "sed -n s/^VLLM_HOST_IP=//p /etc/vllm-fleet/fabric.env") for h in placed["serving"]}
-    pulls = re.findall(r"\[(\S+)\] pulling from vllm-fleet-model@(\S+):", out)
-    assert sorted(h for h, _ in pulls) == sorted(h for h in placed["serving"] if h != seed), pulls
-    assert all(ip in fabric.values() for _, ip in pulls), (pulls, fabric)
+    pulls = re.findall(r"\[(\S+)\] pulling from (\S+) \((\S+)\) over the fabric: done in \d+ s "
+                       r"\([\d,]+ bytes received", out)
+    assert sorted(h for h, _, _ in pulls) == sorted(h for h in placed["serving"] if h != seed), pulls
+    assert all(fabric[sender] == ip for _, sender, ip in pulls), (pulls, fabric)
     sums = {h: on(placed, h, f"sha256sum {PATH}/MANIFEST.sha256").split()[0] for h in placed["serving"]}
     assert len(set(sums.values())) == 1, sums
     for h in placed["serving"]:
@@ -69,7 +71,7 @@ def test_rerun_moves_nothing_and_changes_nothing(placed, tmp_path):
     run = model_stage(placed, tmp_path)
     assert run.rc == 0, run.output[-5000:]
     assert run.changed_total() == 0, run.recap()
-    assert "pushing to" not in run.output and "pulling from" not in run.output
+    assert "pushing" not in run.output and "pulling from" not in run.output
 
 
 def test_corrupted_shard_on_one_node_is_named_with_expected_and_got(placed, tmp_path):
@@ -85,7 +87,7 @@ def test_corrupted_shard_on_one_node_is_named_with_expected_and_got(placed, tmp_
         assert run.rc != 0
         assert f"node {node}: model files in {PATH} differ from the manifest" in flat(run), run.output[-4000:]
         assert f"{SHARD}: expected sha256 {good}, got sha256 {bad}" in flat(run), run.output[-4000:]
-        assert "pulling from" not in run.output and "pushing to" not in run.output
+        assert "pulling from" not in run.output and "pushing" not in run.output
         assert on(placed, node, f"stat -c %i {PATH}/{SHARD}") == inode  # nothing deleted or replaced
     finally:
         on(placed, node, f"cp -p /tmp/good {PATH}/{SHARD} && rm -f /tmp/good")
@@ -133,8 +135,8 @@ def test_model_already_on_nodes_needs_a_pinned_manifest_or_trust_on_first_use(la
 
 def test_pinned_manifest_that_the_files_do_not_match_is_named(placed, tmp_path):
     wrong = hashlib.sha256(b"not the shard").hexdigest()
-    files = json.loads(on(placed, placed["serving"][0], f"cat /var/lib/vllm-fleet/model-state/"
-                                                        f"{hashlib.sha1(PATH.encode()).hexdigest()[:12]}.manifest.json"))
+    record = f"/var/lib/vllm-fleet/model-state/{hashlib.sha1(PATH.encode()).hexdigest()[:12]}.manifest.json"
+    files = json.loads(on(placed, placed["serving"][0], f"cat {record}"))
     pinned = {rel: (wrong if rel == SHARD else f["sha256"]) for rel, f in files["files"].items()}
     run = model_stage(placed, tmp_path, model_manifest=pinned)
     assert run.rc != 0

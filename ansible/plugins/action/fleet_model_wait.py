@@ -44,6 +44,11 @@ class ActionModule(ActionBase):
             status = self._execute_module(module_name="ansible.legacy.async_status", task_vars=task_vars,
                                           module_args={"jid": jid, "mode": "status", "_async_dir": async_dir})
             if status.get("failed") and not status.get("finished"):
+                # the job file appears once async_wrapper's child has written it: on a host that is
+                # very busy (or whose disk is full) that can take a while
+                if "could not find job" in str(status.get("msg", "")) and time.monotonic() - started < 120:
+                    time.sleep(2)
+                    continue
                 return dict(result, failed=True, msg=f"node {host}: {label}: {status.get('msg', status)}")
             if status.get("finished"):
                 self._execute_module(module_name="ansible.legacy.async_status", task_vars=task_vars,

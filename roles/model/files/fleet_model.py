@@ -590,23 +590,23 @@ def record(manifest: dict, dest: str, cache: Cache, record_path: str, report: di
 
 
 def remove_partials(dest: str) -> None:
-    """Our .fleet-partial directories, once the model is complete, unless a transfer still runs."""
+    """Our .fleet-partial directories, once the model is complete, unless a transfer still runs
+    (it holds the lock)."""
     lock = os.path.join(dest, PARTIAL, ".lock")
-    if os.path.exists(lock):
-        with open(lock, "a+") as fh:
+    fh = open(lock, "a+") if os.path.exists(lock) else None
+    try:
+        if fh:
             try:
                 fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError:
                 return
-            for d, dirs, _ in os.walk(dest):
-                if PARTIAL in dirs:
-                    shutil.rmtree(os.path.join(d, PARTIAL), ignore_errors=True)
-                dirs[:] = [x for x in dirs if x != PARTIAL]
-    else:
         for d, dirs, _ in os.walk(dest):
             if PARTIAL in dirs:
                 shutil.rmtree(os.path.join(d, PARTIAL), ignore_errors=True)
             dirs[:] = [x for x in dirs if x != PARTIAL]
+    finally:
+        if fh:
+            fh.close()
 
 
 # --- moving bytes -------------------------------------------------------------------------------
