@@ -301,7 +301,25 @@ def main() -> int:
     egress = Egress(gateway.rsplit(".", 1)[0] + ".0/24")
     servers = Servers(model, gateway, work)
     results = {"size_bytes": size, "hosts": names, "runs": []}
+    def run_old() -> None:
+        """The previous model role (`--old-ref`, ansible.builtin.copy from the controller)."""
+        wipe(hosts, names)
+        old_tree = Path(tempfile.mkdtemp(prefix="fleetmodel-old-"))
+        try:
+            sh(["git", "-C", str(REPO), "worktree", "add", "--detach", str(old_tree), args.old_ref])
+            (old_tree / ".venv").symlink_to(REPO / ".venv")
+            extra = {"fleet_model_path": MODEL_PATH, "fleet_model_source": str(model), "model_check_layers": False}
+            egress.reset()
+            old = playbook(old_tree, inventory, extra, ",".join(names), out / f"old-copy-{len(names)}-first.log")
+            old.update(egress.read(), source="old-copy", run="first", nodes=len(names))
+            results["runs"].append(old)
+            log(json.dumps(old))
+        finally:
+            sh(["git", "-C", str(REPO), "worktree", "remove", "--force", str(old_tree)], check=False)
+
     try:
+        if args.old:  # on empty nodes, like every source after it
+            run_old()
         for source in [s for s in args.sources.split(",") if s]:
             wipe(hosts, names)
             extra = {"fleet_model_path": MODEL_PATH, "model_check_layers": False}
@@ -343,20 +361,6 @@ def main() -> int:
             if source == "node":
                 node(hosts, names[0], "rm -rf /srv/bench-src")
             shutil.rmtree(work / "hf", ignore_errors=True)  # the mirror's git-lfs copy of the model
-        if args.old:
-            wipe(hosts, names)
-            old_tree = Path(tempfile.mkdtemp(prefix="fleetmodel-old-"))
-            try:
-                sh(["git", "-C", str(REPO), "worktree", "add", "--detach", str(old_tree), args.old_ref])
-                (old_tree / ".venv").symlink_to(REPO / ".venv")
-                extra = {"fleet_model_path": MODEL_PATH, "fleet_model_source": str(model), "model_check_layers": False}
-                egress.reset()
-                old = playbook(old_tree, inventory, extra, ",".join(names), out / f"old-copy-{len(names)}-first.log")
-                old.update(egress.read(), source="old-copy", run="first", nodes=len(names))
-                results["runs"].append(old)
-                log(json.dumps(old))
-            finally:
-                sh(["git", "-C", str(REPO), "worktree", "remove", "--force", str(old_tree)], check=False)
     finally:
         servers.stop()
         egress.remove()

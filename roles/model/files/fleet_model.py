@@ -471,7 +471,7 @@ def resolve(spec: dict, secrets: dict) -> dict:
         recorded = read_json(spec.get("record") or "", None)
         # A pinned revision never changes: its manifest, once recorded, is reused without the network.
         if recorded and recorded.get("source") == spec["source"] and recorded.get("files"):
-            m = {"files": recorded["files"], "origin": recorded.get("origin", "") + " (recorded)"}
+            m = {"files": recorded["files"], "origin": recorded.get("origin", "")}
         else:
             m = resolve_hf(spec, secrets)
     elif scheme == "s3":
