@@ -807,6 +807,10 @@ def rsync_run(argv: list, progress_path: str | None, deadline: float, label: str
             return received
         # 10 socket, 12 protocol stream, 23/24 partial, 30 timeout, 35 daemon timeout, 255 ssh
         if proc.returncode in (10, 12, 23, 24, 30, 35, 255) and time.monotonic() + 15 < deadline:
+            if progress_path:  # the reason shows in the Ansible output, and in a deadline failure
+                with open(progress_path, "a", encoding="utf-8") as fh:
+                    fh.write(f"{label}: rsync exit {proc.returncode} ({' '.join(err.strip().splitlines()[-1:])}); "
+                             f"retrying\n")
             time.sleep(min(10 * attempt, 60))
             continue
         raise Fail(f"{label}: rsync exit {proc.returncode}: {' '.join(err.strip().splitlines()[-3:])}")
