@@ -8,6 +8,7 @@ role that adds a setting documents and validates it in one place.
 from __future__ import annotations
 
 import difflib
+import importlib.util
 import os
 import re
 from dataclasses import dataclass
@@ -243,9 +244,7 @@ class Checker:
             self.add(host, "fleet_model_path", path, "is empty: set the absolute model path on the nodes")
         elif not os.path.isabs(path) or ".." in path.split("/"):
             self.add(host, "fleet_model_path", path, "must be an absolute path without '..'")
-        source = v.get("fleet_model_source", "")
-        if source and not os.path.isabs(source):
-            self.add(host, "fleet_model_source", source, "must be an absolute path on the controller")
+        self.check_model_source(host, v)
         name = v.get("fleet_served_model_name", "")
         if not name.strip():
             self.add(host, "fleet_served_model_name", name, "is empty: clients need a model name")
@@ -275,6 +274,18 @@ class Checker:
         key = v.get("fleet_api_key", "")
         if key and (len(key) < 8 or re.search(r"\s", key)):
             self.add(host, "fleet_api_key", "(hidden)", "must be at least 8 characters without white space")
+
+    def check_model_source(self, host: str, v: Mapping[str, Any]) -> None:
+        """The model role's own parser (ansible/plugins/filter/fleet_model.py) says what is wrong."""
+        model = _model_filters()
+        source = v.get("fleet_model_source", "")
+        try:
+            model.parse_source(source)
+        except model.SourceError as exc:
+            self.add(host, "fleet_model_source", source, str(exc))
+        why = model.check_manifest(v.get("model_manifest"))
+        if why:
+            self.add(host, "model_manifest", "(pinned manifest)", why)
 
     def capacity(self, host: str) -> tuple[int, str]:
         v = self.values[host]
@@ -318,6 +329,14 @@ class Checker:
             if tp * pp > total:
                 self.add(head, "fleet_tensor_parallel_size", tp,
                          f"TP×PP = {tp}×{pp} = {tp * pp} is more than the {total} devices replica {replica!r} declares")
+
+
+def _model_filters():
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "filter", "fleet_model.py")
+    spec = importlib.util.spec_from_file_location("fleet_model_filters", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def validate(hosts, groups, specs, defaults) -> list[Problem]:
