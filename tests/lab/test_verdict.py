@@ -85,8 +85,10 @@ def test_a_stopped_worker_takes_its_replica_out_and_status_names_it(deployed_lab
         out_s = time.monotonic() - t0
         v = verdict(address)
         assert v["state"] == "unhealthy" and "member_stopped" in {p["reason"] for p in v["problems"]}
-        health = host.run(f"curl -s -o /dev/null -w '%{{http_code}}' http://{address}:8009/health").stdout
-        assert health == "200", "vLLM's own /health still says all is well"
+        lb = deployed_lab["hosts"][deployed_lab["groups"]["fleet_loadbalancer"][0]]  # where HAProxy asks from
+        health = lb.run("python3 -c 'import sys, urllib.request; "
+                        f"print(urllib.request.urlopen(\"http://{address}:8009/health\", timeout=10).status)'").stdout
+        assert health.strip() == "200", "vLLM's own /health still says all is well"
         assert servers(deployed_lab)[f"{name}-fallback"] == "UP", "its backup entry is only for all-hung"
         status = run_playbook("status.yml", "--limit", ",".join([head] + deployed_lab["groups"]["fleet_loadbalancer"]),
                               timeout=600)
