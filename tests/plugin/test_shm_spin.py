@@ -46,7 +46,8 @@ def test_short_spin_window_lets_an_idle_reader_sleep_and_still_get_its_message(t
     assert default["busy_loop_s"] == 1 and short["busy_loop_s"] == 0.05
     assert "shm queue readers spin 0.050 s" in log and "below" not in log
     assert short["cpu_s"] < 0.1 and default["cpu_s"] > short["cpu_s"] + 0.1, (default, short)
-    assert short["wall_s"] < 2.5, "woken by the writer's notification, not by the 5 s recheck"
+    # 1.5 s until the message; vLLM's recheck would wake the reader only at 5 s
+    assert short["wall_s"] < 4.5, "woken by the writer's notification, not by the 5 s recheck"
 
 
 @pytest.mark.parametrize("raw", ["soon", "-1", "61"])
