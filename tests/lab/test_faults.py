@@ -108,13 +108,14 @@ def stream_in_background(fleet, max_tokens=400):
 def container_timing(fleet, host) -> tuple[float, float | None]:
     """(StartedAt, seconds from StartedAt to uvicorn's "Application startup complete" or None) of
     the host's serving container, from Docker's own clock (inspect and `docker logs -t`)."""
+    import re
     from datetime import datetime
 
-    def stamp(text: str) -> float:  # RFC 3339 with nanoseconds, UTC
-        text = text.strip().replace("Z", "+00:00")
-        head, _, tail = text.partition(".")
-        frac, _, zone = tail.partition("+")
-        return datetime.fromisoformat(f"{head}.{frac[:6].ljust(6, '0')}+{zone}").timestamp()
+    def stamp(text: str) -> float:  # RFC 3339, nanoseconds cut to what datetime holds
+        m = re.match(r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(?:\.(\d+))?(Z|[+-]\d\d:\d\d)$", text.strip())
+        assert m, f"not a docker timestamp: {text!r}"
+        zone = "+00:00" if m[3] == "Z" else m[3]
+        return datetime.fromisoformat(f"{m[1]}.{(m[2] or '')[:6].ljust(6, '0')}{zone}").timestamp()
 
     h = fleet["hosts"][host]
     started = stamp(h.run(f"sudo docker inspect -f '{{{{.State.StartedAt}}}}' {fleet['vllm']}").stdout)
