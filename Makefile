@@ -12,11 +12,12 @@ export ANSIBLE_CONFIG := $(CURDIR)/ansible.cfg
 # tier; `tools/with_load.sh make test` also loads the background deploy.
 LOAD ?=
 UNDER_LOAD := $(if $(filter-out 0,$(LOAD)),tools/with_load.sh,)
-# Each tier's temporary files in a directory of this checkout's own (/tmp/fleettest-<checksum of
-# its path>/<tier>), not in the machine-wide /tmp/pytest-of-<user>, whose numbered directories
-# other sessions' pytest runs rotate away. Short on purpose: tests bind unix sockets in there.
+# Each tier's temporary files (engine and Ray logs included) in a fixed directory of this
+# checkout's own, /tmp/fleettest-<checksum of its path>-<tier> (pytest empties it at the start),
+# instead of the next number in the machine-wide /tmp/pytest-of-<user>. Short on purpose: tests
+# bind unix sockets in there.
 TEST_TMP := /tmp/fleettest-$(firstword $(shell printf '%s' '$(CURDIR)' | cksum))
-PYTEST = $(UNDER_LOAD) $(BIN)/pytest --basetemp=$(TEST_TMP)/$(subst test-,,$@)
+PYTEST = $(UNDER_LOAD) $(BIN)/pytest --basetemp=$(TEST_TMP)-$(subst test-,,$@)
 
 .PHONY: bootstrap bootstrap-engine lab-up lab-down lab-deploy lint test test-unit test-engine test-lab test-day2
 
