@@ -221,6 +221,15 @@ def run_exporter(args, env=None, capture=False, **kw) -> subprocess.Popen:
                             stderr=subprocess.PIPE if capture else subprocess.DEVNULL, **kw)
 
 
+def stop_exporter(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(30)
+
+
 NCCL_SOCKET_LOG = """\
 node3:77:77 [0] NCCL INFO NET/IB : No device found.
 node3:77:77 [0] NCCL INFO NET/Socket : Using [0]fab0:172.28.20.13<0>

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 from exporter_testlib import (full_setup, make_state_dir, parse_exposition, run_exporter, sample,
-                              scrape_url, wait_for)
+                              scrape_url, stop_exporter, wait_for)
 
 from tests.engine_parts import (ENGINE_PY, Engine, engine_has, kill_session, make_tiny_model,
                                 session_procs)
@@ -79,12 +79,7 @@ def exporter(engine, ray_cluster, tmp_path_factory):
         wait_for(lambda: scrape_url(setup["url"], timeout=60), 120)
         yield setup
     finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(30)
+        stop_exporter(proc)
 
 
 def scrape(setup) -> dict:

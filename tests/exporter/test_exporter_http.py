@@ -3,7 +3,6 @@ against the real engine and Ray, promtool on that output and engine-down: test_e
 (engine tier). Here: what needs no engine, and a canary held by stub_engine (a first token that
 only comes when the test says)."""
 
-import subprocess
 import threading
 import time
 import urllib.error
@@ -11,16 +10,7 @@ import urllib.request
 
 import pytest
 from exporter_testlib import (full_setup, parse_exposition, run_exporter, sample, scrape_url,
-                              wait_for)
-
-
-def _stop(proc) -> None:
-    proc.terminate()
-    try:
-        proc.wait(30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(30)
+                              stop_exporter, wait_for)
 
 
 def test_only_get_is_served(tmp_path, state_dir):
@@ -33,7 +23,7 @@ def test_only_get_is_served(tmp_path, state_dir):
             urllib.request.urlopen(req, timeout=30)
         assert exc.value.code in (405, 501)
     finally:
-        _stop(proc)
+        stop_exporter(proc)
 
 
 def test_held_canary_does_not_hold_scrapes(tmp_path, stub_engine, state_dir):
@@ -59,7 +49,7 @@ def test_held_canary_does_not_hold_scrapes(tmp_path, stub_engine, state_dir):
             parse_exposition(scrape_url(setup["url"]))), 120)
         assert sample(s, "vllm_fleet_canary_ttft_seconds") >= released
     finally:
-        _stop(proc)
+        stop_exporter(proc)
 
 
 def test_bad_config_exits_2(tmp_path):

@@ -29,7 +29,7 @@ import pytest
 import requests
 
 from tests.unit.fake_vllm import FakeVLLM, free_port
-from tests.unit.test_loadbalancer_config import render_config
+from tests.unit.test_loadbalancer_config import RENDER_PLAYBOOK, render_config
 
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.skipif(shutil.which("haproxy") is None,
@@ -222,18 +222,6 @@ case "$1" in
 esac
 """
 
-RECONFIGURE_PLAYBOOK = """
-- name: Change the balancer's configuration through the role (its handlers save state and reload)
-  hosts: fleet_loadbalancer
-  gather_facts: false
-  tasks:
-    - name: Write the HAProxy configuration
-      ansible.builtin.include_role:
-        name: loadbalancer
-        tasks_from: config.yml
-"""
-
-
 def test_drained_server_gets_no_new_requests_and_state_survives_the_roles_reload(fleet):
     """The role's own handlers (save the servers' state, then reload) on a configuration change:
     the drained replica stays drained in the reloaded HAProxy."""
@@ -247,8 +235,8 @@ def test_drained_server_gets_no_new_requests_and_state_survives_the_roles_reload
     systemctl = balancer.tmp / "bin" / "systemctl"
     systemctl.write_text(STUB_SYSTEMCTL.format(pidfile=balancer.pidfile))
     systemctl.chmod(0o755)
-    playbook = balancer.tmp / "reconfigure.yml"
-    playbook.write_text(RECONFIGURE_PLAYBOOK)
+    playbook = balancer.tmp / "reconfigure.yml"  # the role's config.yml: its template notifies the handlers
+    playbook.write_text(RENDER_PLAYBOOK)
     env = dict(os.environ, PATH=f"{balancer.tmp / 'bin'}{os.pathsep}{os.environ['PATH']}")
     assert not (balancer.tmp / "server-state").exists()
     proc = subprocess.run(["ansible-playbook", "-i", str(balancer.inventory), str(playbook), "-e",
