@@ -49,8 +49,8 @@ loadgen = load("loadgen", REPO / "tools/loadgen.py")
 
 
 class Balancer:
-    """A real HAProxy in master-worker mode (as Debian's haproxy.service runs it: -Ws, reloaded by
-    SIGUSR2 to the master) with the role's configuration."""
+    """A real HAProxy in master-worker mode with the role's configuration (Debian's haproxy.service
+    runs it master-worker too, -Ws, and reloads it by SIGUSR2 to the master)."""
 
     def __init__(self, tmp: Path, backends: dict[str, FakeVLLM], **overrides):
         self.tmp = tmp
@@ -221,6 +221,7 @@ case "$1" in
   *) echo "stub_systemctl: $* is not stubbed" >&2; exit 1 ;;
 esac
 """
+
 
 def test_drained_server_gets_no_new_requests_and_state_survives_the_roles_reload(fleet):
     """The role's own handlers (save the servers' state, then reload) on a configuration change:
