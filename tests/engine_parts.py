@@ -95,17 +95,23 @@ def make_tiny_model(dest: Path, hidden: int = 256, layers: int = 2) -> str:
 class Engine:
     """One launch started the way the serving container starts it: ``fleet-serve`` (ports from
     the launch id through launch.ensure_launch, launch.json, exec of the API server), in its own
-    session. ``where``: {"root": log dir, "model": path, "state": state dir}."""
+    session. ``where``: {"root": log dir, "model": path, "state": state dir}.
+
+    Its workers are not pinned to cores (``nobind``; one OpenMP thread each, as a pinned worker
+    on one core has): on a shared machine a core can be taken by other sessions' pinned workers,
+    and a worker pinned there starved (1 % of a CPU for 12 minutes) while the other core had
+    room. Pinning itself is the lab's (vllm_serve_cpu_omp_threads_bind)."""
 
     def __init__(self, where: dict, launch_id: str, deployment: str, tp: int = 2,
-                 bind: str = "0|1", engine_args: tuple[str, ...] = ("--enforce-eager",), **extra):
+                 bind: str = "nobind", engine_args: tuple[str, ...] = ("--enforce-eager",),
+                 **extra):
         self.launch_id = launch_id
         self.port = free_port()
         self.state = where["state"]
         self.log_path = where["root"] / f"{launch_id}.log"
         env = child_env(FLEET_FABRIC_ENV="/nonexistent", VLLM_FLEET_PROBE_EVERY_STEPS=4,
                         VLLM_FLEET_EAGER_SAMPLE_EVERY=4, VLLM_FLEET_CLEANUP_GRACE_S=1,
-                        FLEET_NODE_NAME="enginehost", **extra)
+                        FLEET_NODE_NAME="enginehost", OMP_NUM_THREADS=1, **extra)
         self.log = open(self.log_path, "w")
         self.proc = subprocess.Popen(
             [str(ENGINE_PY), "-m", "vllm_fleet.entrypoints.serve", "--engine", "cpu",

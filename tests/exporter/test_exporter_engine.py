@@ -42,8 +42,8 @@ def engine(tmp_path_factory):
     root = tmp_path_factory.mktemp("exporter-engine")
     where = {"root": root, "model": make_tiny_model(root / "tiny"), "state": root / "state"}
     deployment = f"exptest-{uuid.uuid4().hex[:6]}"
-    # TP=1 on one core; the API key comes from the environment, as in the serving container
-    eng = Engine(where, f"{deployment}-1", deployment, tp=1, bind="0", VLLM_API_KEY=KEY)
+    # TP=1; the API key comes from the environment, as in the serving container
+    eng = Engine(where, f"{deployment}-1", deployment, tp=1, VLLM_API_KEY=KEY)
     try:
         eng.wait_ready()
         yield eng

@@ -9,7 +9,7 @@ a time except for the deliberate orphan left by a kill -9, then two TP=1 engines
    a relaunch with VLLM_FLEET_CLEANUP=0 starts but leaves all of that in place (the leak), and a
    relaunch with cleanup kills the orphans of both dead launches and frees their segments, and
    (run with --enforce-eager) samples the model's own all-reduce calls;
-3. two live launches of the same deployment on one machine (TP=1, one core each): derived ports
+3. two live launches of the same deployment on one machine (TP=1 each): derived ports
    and state apart, the second's startup cleanup leaves the first alone, both serve.
 """
 from __future__ import annotations
@@ -210,13 +210,13 @@ def _members(eng) -> set[int]:
 
 
 def test_two_live_launches_of_one_deployment_share_a_machine(engine_env):
-    """Two launches of the same deployment on one machine at the same time, each TP=1 on its own
-    core: derived ports and state dirs apart, the second one's startup cleanup leaves the first
-    (its processes and its /dev/shm segments) alone, and both serve."""
+    """Two launches of the same deployment on one machine at the same time, each TP=1: derived
+    ports and state dirs apart, the second one's startup cleanup leaves the first (its processes
+    and its /dev/shm segments) alone, and both serve."""
     x = y = None
     try:
         t0 = time.time()
-        x = Engine(engine_env, f"{DEPLOYMENT}-x", tp=1, bind="0")
+        x = Engine(engine_env, f"{DEPLOYMENT}-x", tp=1)
         x.wait_ready()
         t_x = time.time() - t0
         assert x.chat()["usage"]["completion_tokens"] > 0
@@ -224,7 +224,7 @@ def test_two_live_launches_of_one_deployment_share_a_machine(engine_env):
         x_shm = _shm_of(x_pids)
         assert len(x_pids) >= 2 and x_shm, (x_pids, x_shm)  # API server + EngineCore, MQ segments
         t1 = time.time()
-        y = Engine(engine_env, f"{DEPLOYMENT}-y", tp=1, bind="1")
+        y = Engine(engine_env, f"{DEPLOYMENT}-y", tp=1)
         y.wait_ready()
         t_y = time.time() - t1
 
