@@ -105,9 +105,18 @@ def test_limit_restarts_only_the_replicas_it_covers(fleet):
     assert run.rc == 0, run.output[-20000:]
     assert vllm_started_at(fleet, first) == before[first]
     assert vllm_started_at(fleet, second) != before[second]
-    partial = run_playbook("rolling_restart.yml", "--limit", fleet["head_of"][second], timeout=600)
-    if len(fleet["replicas"][second]) > 1:
-        assert partial.rc != 0 and "a replica restarts as a whole" in partial.output
+
+
+def test_limit_to_part_of_a_replica_is_refused_and_restarts_nothing(fleet):
+    """--limit naming only the head of a multi-host replica (the default lab's replica a: node1-3)."""
+    multi = [r for r, members in sorted(fleet["replicas"].items()) if len(members) > 1]
+    assert multi, f"this test needs a replica of several hosts: {fleet['replicas']} (see the docstring)"
+    replica = multi[0]
+    before = vllm_started_at(fleet, replica)
+    partial = run_playbook("rolling_restart.yml", "--limit", fleet["head_of"][replica], timeout=600)
+    assert partial.rc != 0 and "a replica restarts as a whole" in partial.output, partial.output[-5000:]
+    assert vllm_started_at(fleet, replica) == before
+    assert set(haproxy_servers(fleet).values()) == {"UP"}, "nothing was drained"
 
 
 def test_failed_gate_keeps_the_replica_out_while_the_others_serve(fleet, tmp_path):
