@@ -46,6 +46,16 @@ ENV_KEYS = (
     "NCCL_IB_DISABLE", "NCCL_IB_HCA", "NCCL_IB_GID_INDEX", "NCCL_IB_ROCE_VERSION_NUM",
 )
 
+#: The inventory setting that decides each of ENV_KEYS: a hand-set value of one of these in a
+#: container's environment would override this module's decision (the validate stage refuses it).
+ENV_OWNERS = {
+    "NCCL_SOCKET_IFNAME": "fleet_fabric_interface", "GLOO_SOCKET_IFNAME": "fleet_fabric_interface",
+    "VLLM_HOST_IP": "fleet_fabric_interface", "FLEET_RAY_NODE_IP": "fleet_fabric_interface",
+    "NCCL_IB_DISABLE": "fleet_nccl_ib", "NCCL_IB_HCA": "fleet_nccl_ib_hca",
+    "NCCL_IB_GID_INDEX": "the fabric role (it reads the RoCE GIDs; fleet_nccl_ib_hca picks the HCAs)",
+    "NCCL_IB_ROCE_VERSION_NUM": "the fabric role (it reads the RoCE GIDs; fleet_nccl_ib_hca picks the HCAs)",
+}
+
 #: Interface name prefixes that are never a fabric (container bridges, tunnels, overlays).
 VIRTUAL_PREFIXES = (
     "docker", "br-", "veth", "virbr", "cni", "flannel", "cali", "vxlan", "tun", "tap", "wg",
