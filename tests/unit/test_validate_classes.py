@@ -287,7 +287,8 @@ def test_bad_inventory_is_refused_before_any_host_is_contacted(results, case):
 
 
 def test_base_inventories_of_these_cases_are_valid(tmp_path):
-    for name, text in (("base", BASE), ("balanced", BALANCED)):
+    controller = "localhost ansible_connection=local\n" + BASE  # the controller listed for itself, ungrouped
+    for name, text in (("base", BASE), ("balanced", BALANCED), ("controller-listed", controller)):
         proc = run_playbook(VALIDATE, text, tmp_path / name, "--skip-tags", "preflight")
         assert proc.returncode == 0, proc.stdout + proc.stderr
         assert "inventory valid" in proc.stdout

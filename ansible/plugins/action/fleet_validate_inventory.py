@@ -781,7 +781,8 @@ class Checker:
                 self.add("(inventory)", "group", group, "unknown vllm-fleet group" + (
                     f"; did you mean {close[0]}?" if close else f" (groups: {', '.join(KNOWN_GROUPS)})"))
         for host in self.groups.get("ungrouped", []):
-            if host not in build_hosts:
+            # The controller listed for itself (localhost, or the image build host) needs no group.
+            if host not in build_hosts and host != "localhost" and self.raw[host].get("ansible_connection") != "local":
                 self.add(host, "groups", [], "is in no group: put it under [fleet_head], [fleet_workers], "
                                              "[fleet_monitoring] or [fleet_loadbalancer]")
 
