@@ -161,7 +161,7 @@ CASES = [
     ("model-source-missing", 2, allvars("fleet_model_source=/nonexistent/vllm-fleet-model"),
      problem("gpu-a", "fleet_model_source", "'/nonexistent/vllm-fleet-model'", "does not exist on the controller")),
     ("scrape-timeout-over-interval", 2, allvars("monitoring_scrape_timeout=30s"),
-     problem("gpu-a", "monitoring_scrape_timeout", "'30s'", "longer than monitoring_scrape_interval=15s")),
+     problem("gpu-a", "monitoring_scrape_timeout", "'30s'", "longer than monitoring_scrape_interval=10s")),
     ("expected-nodes-zero", 2, allvars("exporter_ray_expected_nodes=0"),
      problem("gpu-a", "exporter_ray_expected_nodes", "0", "must be -1 or at least 1")),
     ("process-pattern-not-regex", 2, host("gpu-b", """exporter_processes='[{"name": "engine", "pattern": "(vllm"}]'"""),

@@ -958,9 +958,12 @@ class Checker:
         model = _model_filters()
         source = v.get("fleet_model_source", "")
         try:
-            model.parse_source(source)
+            parsed = model.parse_source(source)
         except model.SourceError as exc:
             self.add(host, "fleet_model_source", source, str(exc))
+        else:
+            if parsed["scheme"] == "controller" and not os.path.isdir(parsed["path"]):
+                self.add(host, "fleet_model_source", source, "does not exist on the controller (a directory)")
         why = model.check_manifest(v.get("model_manifest"))
         if why:
             self.add(host, "model_manifest", "(pinned manifest)", why)
