@@ -7,6 +7,17 @@ BIN := $(VENV)/bin
 LAB_INVENTORY := .lab/inventory.ini
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 export ANSIBLE_CONFIG := $(CURDIR)/ansible.cfg
+# LOAD=1: run each test tier under the standard background CPU load (tools/with_load.sh:
+# stress-ng keeping every core busy), as on a shared or CI machine. `make test LOAD=1` loads each
+# tier; `tools/with_load.sh make test` also loads the background deploy.
+LOAD ?=
+UNDER_LOAD := $(if $(filter-out 0,$(LOAD)),tools/with_load.sh,)
+# Each tier's temporary files (engine and Ray logs included) in a fixed directory of this
+# checkout's own, /tmp/fleettest-<checksum of its path>-<tier> (pytest empties it at the start),
+# instead of the next number in the machine-wide /tmp/pytest-of-<user>. Short on purpose: tests
+# bind unix sockets in there.
+TEST_TMP := /tmp/fleettest-$(firstword $(shell printf '%s' '$(CURDIR)' | cksum))
+PYTEST = $(UNDER_LOAD) $(BIN)/pytest --basetemp=$(TEST_TMP)-$(subst test-,,$@)
 
 .PHONY: bootstrap bootstrap-engine lab-up lab-down lab-deploy lint test test-unit test-engine test-lab test-day2
 
@@ -30,17 +41,17 @@ lint: bootstrap
 	$(BIN)/ansible-lint --profile production
 
 test-unit: bootstrap
-	$(BIN)/pytest -m "not lab and not engine and not day2" tests
+	$(PYTEST) -m "not lab and not engine and not day2" tests
 
 test-engine: bootstrap-engine
-	$(BIN)/pytest -m "engine" tests
+	$(PYTEST) -m "engine" tests
 
 test-lab: lab-up
-	$(BIN)/pytest -m "lab" tests
+	$(PYTEST) -m "lab" tests
 
 # Rolling restarts under load and fault tests (kill -9, fabric cut, Ray head restart) on the lab.
 test-day2: lab-up
-	$(BIN)/pytest -m "day2" tests
+	$(PYTEST) -m "day2" tests
 
 # The lab's cold deploy (about 15 min on 2 cores, mostly apt, image copies and engine start-up)
 # runs in the background while lint, unit and engine tests run; the lab tier then starts from a

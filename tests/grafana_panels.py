@@ -7,8 +7,9 @@ from pathlib import Path
 DASHBOARD = Path(__file__).resolve().parents[1] / "roles/monitoring/files/grafana/dashboards/vllm-fleet.json"
 
 
-def panel_queries(dashboard: dict | None = None) -> list[tuple[str, str]]:
-    """[(panel title, expr)] over all panels, rows' nested panels included."""
+def panel_queries(dashboard: dict | None = None, annotations: bool = True) -> list[tuple[str, str]]:
+    """[(panel title, expr)] over all panels, rows' nested panels included, and the annotations'
+    queries (titled "annotation: <name>"; they have data only around events)."""
     if dashboard is None:
         dashboard = json.loads(DASHBOARD.read_text())
     out: list[tuple[str, str]] = []
@@ -20,4 +21,7 @@ def panel_queries(dashboard: dict | None = None) -> list[tuple[str, str]]:
                     out.append((p.get("title", ""), t["expr"]))
             walk(p.get("panels") or [])
     walk(dashboard.get("panels") or [])
+    for a in (dashboard.get("annotations") or {}).get("list") or [] if annotations else []:
+        if a.get("expr"):
+            out.append((f"annotation: {a.get('name', '')}", a["expr"]))
     return out

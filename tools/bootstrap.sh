@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 want=${1:-controller}
 step() { printf '[bootstrap] %s\n' "$*"; }
 
-apt_packages=(docker.io debootstrap iproute2 openssh-client make git ca-certificates)
+apt_packages=(docker.io debootstrap iproute2 openssh-client rsync make git ca-certificates)
 # Extra apt packages the tests need (promtool for alert-rule tests, ...), one per line.
 if [ -f tests/requirements-apt.txt ]; then
   mapfile -t extra < <(grep -v '^\s*#' tests/requirements-apt.txt | grep -v '^\s*$')

@@ -9,10 +9,10 @@ import threading
 from typing import List, Optional
 
 from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
-from prometheus_client.exposition import start_http_server
 
 from .collector import FleetExporter
 from .config import ConfigError, load_config, resolve_listen
+from .serve import build_app, start_agent, start_http
 
 log = logging.getLogger("vllm_fleet_exporter")
 
@@ -43,12 +43,18 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 0
     addr, port = resolve_listen(cfg.listen)
     exporter.start()
+    keeper = exporter.verdict
     try:
-        start_http_server(port, addr=addr, registry=registry)
+        start_http(addr, port, build_app(registry, keeper.http_body if keeper else None))
+        if keeper is not None and cfg.agent_listen:
+            a_addr, a_port = resolve_listen(cfg.agent_listen)
+            start_agent(a_addr, a_port, keeper.agent_line)
+            log.info("HAProxy agent-check on %s:%s", a_addr, a_port)
     except OSError as exc:
         log.error("cannot listen on %s:%s: %s", addr, port, exc)
         return 1
-    log.info("serving /metrics on %s:%s (jobs: %s)", addr, port, ", ".join(exporter.jobs))
+    log.info("serving /metrics%s on %s:%s (jobs: %s)", " and /verdict" if keeper else "",
+             addr, port, ", ".join(exporter.jobs))
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())

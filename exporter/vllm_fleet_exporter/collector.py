@@ -16,12 +16,14 @@ from . import __version__
 from .config import Config, read_secret
 from .fabric import INFO_KEYS, ib_expected, load_fabric, ray_node_ip
 from .gpu import Nvml
+from .heals import HealLog
 from .jobs import Job
 from .launchstate import HIST_LABELS, LaunchReader, newest_launch_dir
 from .nccl import TRANSPORTS, NcclLogParser
 from .probes import probe_health, query_ray, run_canary
 from .procscan import scan
 from .tenants import read_tenants
+from .replica import VerdictKeeper
 
 log = logging.getLogger(__name__)
 P = "vllm_fleet_"
@@ -59,10 +61,18 @@ class FleetExporter:
         self.jobs["nccl"] = Job("nccl", self._nccl, cfg.nccl_interval_s)
         if cfg.nvml == "auto":
             self.jobs["nvml"] = Job("nvml", self.nvml.read, cfg.nvml_interval_s)
+        self.heal_log = HealLog(cfg.heal_log, cfg.heal_replicas) if cfg.heal_log else None
+        self.verdict: Optional[VerdictKeeper] = None
+        if cfg.verdict_enabled:
+            self.verdict = VerdictKeeper(cfg, self.pid_alive)
+            self.jobs.update(self.verdict.jobs)
 
     # ---- background job bodies -------------------------------------------------------------
     def _health(self):
-        return probe_health(self.cfg.engine_url, self.cfg.health_timeout_s)
+        res = probe_health(self.cfg.engine_url, self.cfg.health_timeout_s)
+        if self.verdict is not None:
+            self.verdict.health_result(res.up, time.time())
+        return res
 
     def _canary(self):
         key = read_secret(self.cfg.api_key_file)  # re-read: key rotation needs no restart
@@ -73,6 +83,8 @@ class FleetExporter:
         elif not res.success and not self.cfg.canary_model:
             self._canary_model = ""  # rediscover: the engine may serve another model now
         self.canary_runs["success" if res.success else "failure"] += 1
+        if self.verdict is not None:
+            self.verdict.canary_result(res.success)
         if not res.success:
             log.info("canary failed: %s", res.error)
         return res
@@ -85,7 +97,10 @@ class FleetExporter:
             except (OSError, ValueError):
                 env = None
             url = url.replace("{ray_node_ip}", ray_node_ip(env))
-        return query_ray(url, self.cfg.ray_command, self.cfg.ray_timeout_s, self.cfg.ray_token_file)
+        res = query_ray(url, self.cfg.ray_command, self.cfg.ray_timeout_s, self.cfg.ray_token_file)
+        if self.verdict is not None:  # only a successful query is evidence (a slow one is not)
+            self.verdict.ray_result(res.nodes_alive)
+        return res
 
     def _tenants(self):
         return read_tenants(self.cfg.tenants_url, self.cfg.tenants_timeout_s)
@@ -142,7 +157,10 @@ class FleetExporter:
             e.add_metric([], self.cfg.gpus_expected)
             out.append(e)
 
-        for name, fn in (("launch_state", self._collect_launch), ("fabric", self._collect_fabric)):
+        readers = [("launch_state", self._collect_launch), ("fabric", self._collect_fabric)]
+        if self.heal_log is not None:
+            readers.append(("heal_log", lambda now: self.heal_log.metrics()))
+        for name, fn in readers:
             t0 = time.perf_counter()
             try:
                 out.extend(fn(now))
@@ -155,7 +173,8 @@ class FleetExporter:
         builders = {"health": self._collect_health, "canary": self._collect_canary,
                     "ray": self._collect_ray, "processes": self._collect_processes,
                     "nccl": self._collect_nccl, "nvml": self._collect_nvml,
-                    "tenants": self._collect_tenants}
+                    "tenants": self._collect_tenants,
+                    "verdict": self._collect_verdict, "peers": lambda job, now: []}
         for name, job in self.jobs.items():
             res = job.last
             fresh = job.fresh(now)
@@ -287,6 +306,9 @@ class FleetExporter:
                     start.add_metric([pc.name], res.value.oldest_start[pc.name])
             out += [cnt, start]
         return out
+
+    def _collect_verdict(self, job: Job, now: float) -> List[Metric]:
+        return self.verdict.metrics(now) if self.verdict is not None else []
 
     def _collect_nccl(self, job: Job, now: float) -> List[Metric]:
         res = job.fresh(now)

@@ -94,6 +94,34 @@ class Config:
     nvml_interval_s: float = 60.0
     gpus_expected: Optional[int] = None
 
+    # ---- the verdict (verdict.py): is this host / this replica hung? ----
+    verdict_enabled: bool = False
+    # The deployment (maintenance marker <state_dir>/maintenance-<deployment>.json).
+    deployment: str = ""
+    # This host runs engine processes of the launch (a missing launch is then a problem).
+    expect_engine: bool = False
+    # Heads: base URLs ("http://ADDR:PORT") of the exporters of the replica's other hosts.
+    replica_member_urls: List[str] = dataclasses.field(default_factory=list)
+    verdict_interval_s: float = 1.0
+    # A rank whose watchdog file is older than this is hung (the plugin flushes every <= 1 s).
+    heartbeat_max_age_s: float = 10.0
+    # Heads: unhealthy once /health has not answered 200 for this long (after first serving).
+    api_max_silence_s: float = 6.0
+    # Heads: another host's exporter silent for this long is a problem; each request's timeout.
+    member_max_silence_s: float = 6.0
+    member_timeout_s: float = 2.0
+    # Heads: this many failed canaries in a row make the replica unhealthy (0: never).
+    canary_max_failures: int = 2
+    # Heads: a launch not serving this long after it was created is unhealthy (0: never).
+    start_timeout_s: float = 1800.0
+    # HAProxy agent-check listener ("ADDR:PORT", ADDR "auto" as for listen); empty: none.
+    agent_listen: str = ""
+    cgroup_root: str = "/sys/fs/cgroup"
+    # The healer's records (healer host: roles/healer actions.jsonl); empty: not exported.
+    heal_log: str = ""
+    # Replicas exported at 0 before their first heal.
+    heal_replicas: List[str] = dataclasses.field(default_factory=list)
+
     log_level: str = "INFO"
 
     @property
@@ -201,6 +229,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nccl-interval-s", type=float)
     p.add_argument("--nvml", choices=["auto", "off"])
     p.add_argument("--gpus-expected", type=int)
+    p.add_argument("--verdict", dest="verdict_enabled", action=argparse.BooleanOptionalAction,
+                   default=None, help="judge this host / replica (verdict.py)")
+    p.add_argument("--deployment")
+    p.add_argument("--expect-engine", action=argparse.BooleanOptionalAction, default=None)
+    p.add_argument("--replica-member-url", dest="replica_member_urls", action="append",
+                   help="exporter URL of another host of this replica (heads; repeatable)")
+    p.add_argument("--heartbeat-max-age-s", type=float)
+    p.add_argument("--agent-listen", help="ADDR:PORT for the HAProxy agent-check (empty: off)")
     p.add_argument("--log-level")
     p.add_argument("--once", action="store_true",
                    help="run every collector once, print the exposition and exit")
@@ -238,6 +274,11 @@ def load_config(argv: Optional[List[str]] = None) -> Config:
     if not cfg.host:
         cfg.host = socket.gethostname()
     parse_listen(cfg.listen)  # validate early
+    if cfg.agent_listen:
+        parse_listen(cfg.agent_listen)
+    for name in ("verdict_interval_s", "member_timeout_s"):
+        if getattr(cfg, name) <= 0:
+            raise ConfigError(f"{name}: {getattr(cfg, name)} must be > 0")
     return cfg
 
 

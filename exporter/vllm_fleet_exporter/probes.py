@@ -180,3 +180,21 @@ def query_ray(url: str, command: List[str], timeout_s: float, token_file: str = 
                                  headers=headers)
     with urllib.request.urlopen(req, timeout=timeout_s) as resp:
         return parse_ray_nodes(json.loads(resp.read(16 << 20)))
+
+
+def fetch_verdict(base_url: str, timeout_s: float) -> Dict[str, Any]:
+    """GET {base_url}/verdict of another host's exporter: its JSON, also when it answers 503
+    (an unhealthy host says why in the body). Raises when there is no JSON answer."""
+    req = urllib.request.Request(base_url.rstrip("/") + "/verdict",
+                                 headers={"User-Agent": USER_AGENT})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout_s) as resp:
+            body = resp.read(1 << 20)
+    except urllib.error.HTTPError as exc:
+        if exc.code != 503:
+            raise
+        body = exc.read(1 << 20)
+    data = json.loads(body)
+    if not isinstance(data, dict) or "state" not in data:
+        raise ValueError("not a verdict")
+    return data

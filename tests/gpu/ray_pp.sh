@@ -15,6 +15,10 @@
 #                              (VLLM_FLEET_RAY_KEEP_NODE_ENV=0): which transport NCCL picks then
 #   tests/gpu/ray_pp.sh setup    install + model + fabric env only (a fresh machine, before ray)
 #   tests/gpu/ray_pp.sh cleanup  stop whatever an earlier phase of this script left running
+#   tests/gpu/ray_pp.sh verdict  (1 GPU) install, model, TP=1 through the Ray executor with the
+#                              exporter's replica verdict and HAProxy agent port on; under load,
+#                              SIGSTOP the Ray worker that runs the model: time until the verdict
+#                              says unhealthy and the agent says down, the reasons; SIGCONT: back
 # On 4 GPUs (FLEET_GPUS_PER_NODE=2: two "hosts" of 2 GPUs each):
 #   tests/gpu/ray_pp.sh prep4    install, model, fabric env, PP timing check (real NCCL works
 #                                through the plugin), probe vs reference by medians (GPUs 0,1),
@@ -85,7 +89,7 @@ stop_group() { [ -f "/tmp/$1.pid" ] || return 0; kill -- -"$(cat /tmp/$1.pid)" 2
 # Only what this script started: the process groups of its pid files, and the vLLM processes
 # its own launches registered (members/<pid>, checked against their start time, so a reused pid
 # is never hit). Never processes by name: a machine may run other people's Ray and vLLM.
-PIDFILES="ray-node-a ray-node-b pp2-ray pp2-nofix tp2-mp tp2pp2 exporter-9445 exporter-9446"
+PIDFILES="ray-node-a ray-node-b pp2-ray pp2-nofix tp2-mp tp2pp2 tp1-ray exporter-9445 exporter-9446"
 kill_leftovers() {
   for n in $PIDFILES; do
     [ -f "/tmp/$n.pid" ] && kill -9 -- -"$(cat "/tmp/$n.pid")" 2>/dev/null; rm -f "/tmp/$n.pid"
@@ -472,5 +476,63 @@ EOF
   echo "--- the workers' own files:"
   worker_files "$STATE"
   stop_group exporter-9445; stop_group tp2pp2; stop_group ray-node-b; stop_group ray-node-a
+  ;;
+# ======================================================================================== verdict
+verdict)  # 1 GPU: the replica verdict on the real CUDA path (issue 14)
+  setup
+  if [ ! -f "$MODEL/config.json" ]; then
+    log "make a ~1 B random-weight Llama (hidden 4096, 4 layers)"
+    python3 tools/make_tiny_llama.py "$MODEL" --hidden 4096 --layers 4 --pp 2 --device cuda \
+      > "$LOGS/model.log" 2>&1 || { tail "$LOGS/model.log"; exit 1; }
+  fi
+  python3 tests/gpu/fabric_env_sim.py "$SIM" > "$LOGS/fabric-env.txt"
+  kill_leftovers
+  start_ray_node node-a 0
+  wait_ray_nodes 1 180 || exit 1
+  LID=verdict-ray-$(date +%s)
+  mkdir -p "$STATE/launches/$LID"
+  log "TP=1 through the Ray executor: fleet-serve --executor ray (launch $LID)"
+  env VLLM_PLUGINS=fleet FLEET_NODE_NAME=node-a setsid python3 -m vllm_fleet.entrypoints.serve \
+    --engine cuda --executor ray --ray-address "$RAY_ADDR" --fabric-env "$SIM/node-a/fabric.env" \
+    --model "$MODEL" --served-model-name tiny --tp 1 --pp 1 --max-model-len 2048 \
+    --gpu-memory-utilization 0.3 --host 127.0.0.1 --port 8011 --state-dir "$STATE" --launch-id "$LID" \
+    -- --max-num-seqs 64 > "$LOGS/tp1-ray.log" 2>&1 &
+  echo $! > /tmp/tp1-ray.pid
+  wait_healthy tp1-ray 8011 420 || exit 1
+  start_exporter 9445 "$STATE" 8011 ", \"verdict_enabled\": true, \"expect_engine\": true, \"deployment\": \"ray-proof\", \"agent_listen\": \"127.0.0.1:9446\", \"canary_interval_s\": 30"
+  v() { python3 -c 'import json,sys,urllib.request,urllib.error
+try: r = urllib.request.urlopen("http://127.0.0.1:9445/verdict", timeout=3).read()
+except urllib.error.HTTPError as e: r = e.read()
+d = json.loads(r); print(d["state"], "|", "; ".join(p["reason"] + ": " + p["detail"] for p in d["problems"]))' 2>/dev/null; }
+  agent() { python3 -c 'import socket; s = socket.create_connection(("127.0.0.1", 9446), 3); print(s.recv(512).decode().strip())' 2>/dev/null; }
+  deadline=$(( $(date +%s) + 180 ))
+  until v | grep -q '^healthy'; do [ "$(date +%s)" -lt "$deadline" ] || { log "never healthy: $(v)"; exit 1; }; sleep 1; done
+  log "verdict: $(v); agent: $(agent)"
+  echo "--- members registered by the launch's processes (pid, start ticks):"
+  ls "$STATE/launches/$LID/members" | head; ls "$STATE/launches/$LID" | grep -c collective- | sed 's/^/collective files: /'
+  timeout 600 python3 benchmarks/serving_ab.py --endpoint tp1-ray=http://127.0.0.1:8011/v1 \
+    --model tiny --rounds 100 --requests 64 --concurrency 8 --max-tokens 64 > "$LOGS/load.txt" 2>&1 &
+  loadpid=$!
+  sleep 15
+  worker=$(VLLM_FLEET_STATE_DIR=$STATE python3 -c 'from vllm_fleet import state
+import json, os, sys
+for pid in state.read_members():
+    cmd = open(f"/proc/{pid}/cmdline", "rb").read().replace(b"\0", b" ").decode(errors="replace")
+    if "RayWorkerWrapper" in cmd or "ray::" in cmd: print(pid); break')
+  log "SIGSTOP of the Ray worker that runs the model: pid $worker ($(tr '\0' ' ' < /proc/$worker/cmdline | cut -c1-80))"
+  since() { awk -v a="$1" -v b="$(date +%s.%N)" 'BEGIN { printf "%.1f", b - a }'; }
+  t0=$(date +%s.%N); kill -STOP "$worker"
+  while ! v | grep -q '^unhealthy'; do sleep 0.2; [ "$(since "$t0" | cut -d. -f1)" -ge 60 ] && break; done
+  log "verdict after $(since "$t0") s: $(v)"
+  while ! agent | grep -q '^down'; do sleep 0.2; [ "$(since "$t0" | cut -d. -f1)" -ge 60 ] && break; done
+  log "agent after $(since "$t0") s: $(agent)"
+  scrape 9445 | grep -E '^vllm_fleet_(replica_state|replica_problem|host_problem|host_healthy)' | grep -v ' 0.0$' \
+    | tee "$LOGS/verdict-metrics-stopped.txt"
+  sleep 5; kill -CONT "$worker"; t2=$(date +%s.%N)
+  while ! v | grep -q '^healthy'; do sleep 0.5; [ "$(since "$t2" | cut -d. -f1)" -ge 120 ] && break; done
+  log "after SIGCONT: $(v) in $(since "$t2") s; agent: $(agent)"
+  kill "$loadpid" 2>/dev/null; wait "$loadpid" 2>/dev/null
+  tail -3 "$LOGS/load.txt"
+  stop_group exporter-9445; stop_group tp1-ray; stop_group ray-node-a
   ;;
 esac

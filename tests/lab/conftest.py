@@ -136,7 +136,7 @@ def deployed_lab(lab):
 # off and on and tears down deployments of its own only), then tests that restart replicas,
 # then the fault tests that kill, cut and restart things (each repairs what it broke).
 LAB_MODULE_ORDER = ["test_lab", "test_provision", "test_serve", "test_monitoring", "test_security",
-                    "test_rolling_restart", "test_faults"]
+                    "test_rolling_restart", "test_hang", "test_faults"]
 
 
 def pytest_collection_modifyitems(items):

@@ -47,6 +47,7 @@ LABEL = f"vllm-fleet.lab={PREFIX}"
 DEBOOTSTRAP_PACKAGES = "systemd,systemd-sysv,openssh-server,python3,sudo,iproute2,ca-certificates"
 DEFAULT_HOSTS = 4
 RENAMED_NIC_HOST = 3  # a worker: it must find its fabric NIC by route, not by name
+ALERT_SINK_PORT = 9099  # the lab's Alertmanager notifies people at http://<mgmt gateway>:9099/alerts
 
 
 def log(msg: str) -> None:
@@ -334,6 +335,11 @@ def inventory_text(count: int, key: Path) -> str:
             # two tenants on the balancer: "lab" for the tests and loadgen, "lab-limited" (3 requests
             # per 10 s) to show a rate limit; their keys are generated in .lab/fleet-secrets/
             line += """ loadbalancer_api_keys='[{"name": "lab"}, {"name": "lab-limited", "rate_limit": 3}]'"""
+            # People's receiver on the lab: a webhook to the controller (the management network's
+            # gateway), where the hang tests listen; Alertmanager retries while nobody does.
+            sink = [{"name": "lab-sink", "webhook_configs": [
+                {"url": f"http://{controller_ip()}:{ALERT_SINK_PORT}/alerts"}]}]
+            line += f" alerting_receivers='{json.dumps(sink)}'"
         # Dicts and booleans on host lines: INI [group:vars] values are always strings.
         return line + f" vllm_serve_env='{json.dumps(env)}' fleet_gpu_less=True"
 
@@ -379,12 +385,10 @@ fleet_tensor_parallel_size=1
 fleet_pipeline_parallel_size=2
 fleet_max_model_len=512
 fleet_api_port=8009
-fleet_image=vllm-fleet-cpu:lab
+# Tagged after the lab's prefix: labs side by side on one machine build on the same Docker engine.
+fleet_image=vllm-fleet-cpu:{PREFIX}
 # Tenant keys at the front door and an engine key on the replicas, as on the cuda engine by default.
 fleet_api_auth=on
-# Ray's head opens its GCS port 20-60 s after its container starts when several labs share the
-# 2 cores; the workers' pre-check waits that long before failing.
-ray_cluster_connect_timeout=120
 # Short intervals so a dead engine shows (and alerts) within seconds on the lab.
 exporter_health_interval=2
 monitoring_scrape_interval=5s

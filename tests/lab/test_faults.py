@@ -1,9 +1,10 @@
 """Fault tests on the deployed lab (issues 6 and 7): each breaks something for real, checks that the
 exporter / Prometheus / the playbooks see it and name it, then repairs the lab with deploy.yml.
 
-- kill -9 of a replica's engine mid-request: vllm_fleet_engine_up drops within 15 s, the
-  VllmFleetEngineDown alert fires in the real Prometheus; restarting only the dead container (no
-  cleanup of the replica's other ranks) does not bring it back, deploy.yml does, with no manual step.
+- kill -9 of a replica's engine while a request streams: vllm_fleet_engine_up drops within 15 s,
+  the VllmFleetEngineDown alert fires in the real Prometheus; restarting only the dead container
+  (no cleanup of the replica's other ranks) does not bring it back within twice the time that
+  container took to serve after the deploy, deploy.yml does, with no manual step.
 - a worker cut from the fabric network mid-serving: the fabric check run across the replica ends at
   its hard timeout naming the unreachable peer, the exporter sees the Ray node gone and
   VllmFleetRayNodeMissing goes pending, and a deploy fails fast naming the host.
@@ -75,8 +76,9 @@ def redeploy(fleet, *args):
 
 
 def stream_in_background(fleet, max_tokens=400):
-    """A long streaming completion; records when its first chunk came and how it ended."""
-    state = {"first_chunk": threading.Event(), "error": None}
+    """A long streaming completion. `streaming` is set by the first content chunk only, `ended`
+    whenever the request is over (its outcome in `error`: None only after a clean [DONE])."""
+    state = {"streaming": threading.Event(), "ended": threading.Event(), "error": None}
 
     def go():
         body = json.dumps({"model": fleet["model"], "max_tokens": max_tokens, "stream": True, "ignore_eos": True,
@@ -88,29 +90,53 @@ def stream_in_background(fleet, max_tokens=400):
             with urllib.request.urlopen(req, timeout=120) as r:
                 for line in r:
                     if line.startswith(b"data: {"):
-                        state["first_chunk"].set()
+                        state["streaming"].set()
                     if line.startswith(b"data: [DONE]"):
                         return
             state["error"] = "stream ended without [DONE]"
         except Exception as exc:  # noqa: BLE001 - the request is expected to break
             state["error"] = repr(exc)
         finally:
-            state["first_chunk"].set()
+            state["ended"].set()
 
     thread = threading.Thread(target=go, daemon=True)
     thread.start()
     return state, thread
 
 
+def container_timing(fleet, host) -> tuple[float, float | None]:
+    """(StartedAt, seconds from StartedAt to uvicorn's "Application startup complete" or None) of
+    the host's serving container, from Docker's own clock (inspect and `docker logs -t`)."""
+    import re
+    from datetime import datetime
+
+    def stamp(text: str) -> float:  # RFC 3339, nanoseconds cut to what datetime holds
+        m = re.match(r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(?:\.(\d+))?(Z|[+-]\d\d:\d\d)$", text.strip())
+        assert m, f"not a docker timestamp: {text!r}"
+        zone = "+00:00" if m[3] == "Z" else m[3]
+        return datetime.fromisoformat(f"{m[1]}.{(m[2] or '')[:6].ljust(6, '0')}{zone}").timestamp()
+
+    h = fleet["hosts"][host]
+    started = stamp(h.run(f"sudo docker inspect -f '{{{{.State.StartedAt}}}}' {fleet['vllm']}").stdout)
+    lines = h.run(f"sudo docker logs -t --since {int(started)} {fleet['vllm']} 2>&1 | grep -m1 'Application startup complete'",
+                  check=False).stdout.split()
+    return started, (stamp(lines[0]) - started) if lines else None
+
+
 @pytest.mark.lab
 def test_kill9_mid_request_is_detected_alerted_and_deploy_recovers(fleet):
     head, rank1, vllm = fleet["hosts"][fleet["head"]], fleet["rank1"], fleet["vllm"]
     assert engine_up(fleet, fleet["head"])[0]["value"][1] == "1"
+    # How long this replica's head took to serve after its container started (this deploy):
+    # the window a bare restart gets below, to show that it does not come back.
+    started_before, startup = container_timing(fleet, fleet["head"])
+    assert startup is not None, "no 'Application startup complete' in the head's container log"
     state, thread = stream_in_background(fleet)
-    assert state["first_chunk"].wait(60), "the long request never started streaming"
+    assert state["streaming"].wait(120), f"the long request never streamed a token: {state['error']}"
+    assert not state["ended"].is_set(), f"the long request ended before the kill: {state['error']}"
     killed = time.monotonic()
     head.run("sudo pkill -9 -f '[v]llm.entrypoints.openai.api_server'")
-    thread.join(timeout=60)
+    assert state["ended"].wait(120), "the request in flight did not end with the engine"
     assert state["error"], "the request in flight should have broken with the engine"
 
     wait_for("vllm_fleet_engine_up == 0 in Prometheus", lambda: (engine_up(fleet, fleet["head"]) or [{}])[0]
@@ -123,10 +149,17 @@ def test_kill9_mid_request_is_detected_alerted_and_deploy_recovers(fleet):
     # What the crash left: the head's container is dead, the other rank still holds the dead launch.
     assert not container_running(fleet, fleet["head"], vllm)
     # Without cleanup: start only the dead container again (same launch, the replica's other rank
-    # untouched) -- it does not come back.
+    # untouched). It does not come back: /health never answers 200 during twice the time the same
+    # container took to serve after this session's deploy (at least 2 min), polled throughout.
     head.run(f"sudo docker start {vllm}")
-    time.sleep(60)
-    assert not healthy(fleet["url"]), "a bare restart of the crashed rank should not serve"
+    restarted, _ = container_timing(fleet, fleet["head"])
+    assert restarted > started_before, "docker start did not start the container again"
+    window = max(2 * startup, 120.0)
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < window:
+        assert not healthy(fleet["url"]), \
+            f"a bare restart of the crashed rank served after {time.monotonic() - t0:.0f}s (window {window:.0f}s)"
+        time.sleep(2)
 
     # With: deploy.yml relaunches the whole replica (new launch id, stale ranks removed).
     run = redeploy(fleet, "--tags", "serve")

@@ -78,12 +78,14 @@ def test_fabric_nic_is_chosen_by_route_to_the_head(provisioned):
         assert default_dev != head_fabric["interface"]
         head_ip_of[hostvars[name].get("fleet_replica", "main")] = head_fabric["address"]
 
+    workers = []
     for host in serving(provisioned):
         head_ip = head_ip_of[hostvars[host.name].get("fleet_replica", "main")]
         fabric = json.loads(sudo_read(host, "/etc/vllm-fleet/fabric.json"))
         route = host.run("ip route get %s" % head_ip).stdout.split()
         routed_dev = route[route.index("dev") + 1]
-        if fabric["role"] == "worker":
+        if fabric["role"] == "worker":  # heads: fleet_fabric_interface, checked above
+            workers.append(host.name)
             assert fabric["interface"] == routed_dev, (host.name, fabric, route)
             assert "via" not in route
         assert fabric["address"].startswith("172.28.20."), (host.name, fabric)
@@ -96,6 +98,7 @@ def test_fabric_nic_is_chosen_by_route_to_the_head(provisioned):
         nccl = sudo_read(host, "/etc/nccl.conf").splitlines()[1:]
         assert nccl == ["NCCL_SOCKET_IFNAME==%s" % fabric["interface"], "NCCL_IB_DISABLE=1"]
 
+    assert set(workers) == set(provisioned["groups"].get("fleet_workers", [])) and workers, workers
     renamed = json.loads(sudo_read(hosts["node3"], "/etc/vllm-fleet/fabric.json"))
     assert renamed["interface"] == "fab0", renamed  # the renamed NIC, found by route
 

@@ -104,9 +104,18 @@ def test_limit_restarts_only_the_replicas_it_covers(fleet):
     assert run.rc == 0, run.output[-20000:]
     assert vllm_started_at(fleet, first) == before[first]
     assert vllm_started_at(fleet, second) != before[second]
-    partial = run_playbook("rolling_restart.yml", "--limit", fleet["head_of"][second], timeout=600)
-    if len(fleet["replicas"][second]) > 1:
-        assert partial.rc != 0 and "a replica restarts as a whole" in partial.output
+
+
+def test_limit_to_part_of_a_replica_is_refused_and_restarts_nothing(fleet):
+    """--limit naming only the head of a multi-host replica (the default lab's replica a: node1-3)."""
+    multi = [r for r, members in sorted(fleet["replicas"].items()) if len(members) > 1]
+    assert multi, f"this test needs a replica of several hosts: {fleet['replicas']} (see the docstring)"
+    replica = multi[0]
+    before = vllm_started_at(fleet, replica)
+    partial = run_playbook("rolling_restart.yml", "--limit", fleet["head_of"][replica], timeout=600)
+    assert partial.rc != 0 and "a replica restarts as a whole" in partial.output, partial.output[-5000:]
+    assert vllm_started_at(fleet, replica) == before
+    assert set(haproxy_servers(fleet).values()) == {"UP"}, "nothing was drained"
 
 
 def test_failed_gate_keeps_the_replica_out_while_the_others_serve(fleet, tmp_path):
@@ -117,8 +126,8 @@ def test_failed_gate_keeps_the_replica_out_while_the_others_serve(fleet, tmp_pat
     assert failed.rc != 0
     assert f"replica {first} failed and is kept out of the balancer (maint)" in failed.output
     servers = haproxy_servers(fleet)
-    assert servers[first] == "MAINT"
-    assert all(status == "UP" for name, status in servers.items() if name != first)
+    assert servers[first] == "MAINT" and servers[f"{first}-fallback"] == "MAINT", "its backup entry too"
+    assert all(status == "UP" for name, status in servers.items() if not name.startswith(first))
     load, out = start_load(fleet, tmp_path, "degraded", duration=20)
     load.wait(timeout=300)
     assert json.loads(out.read_text())["failed"] == 0, "the other replicas keep serving"

@@ -171,7 +171,8 @@ def test_bad_model_file_fails_naming_node_and_file(fleet):
         t = time.monotonic()
         rc, out, _ = play("deploy.yml", "--tags", "model", "-e", "fleet_model_source=")
         assert rc != 0
-        assert re.search(rf"node {worker}: model files .* differ .*model\.safetensors: FAILED", out), out[-3000:]
+        assert re.search(rf"node {worker}: model files in \S+ differ from the manifest .*model\.safetensors: expected",
+                         " ".join(out.split())), out[-3000:]
         assert time.monotonic() - t < 120
     finally:
         ssh(fleet, worker, f"sudo mv /tmp/model.safetensors.good {f}")

@@ -59,7 +59,8 @@ def test_env_file(tmp_path):
 def test_ray_head_binds_node_ip_everywhere():
     argv, env, head, ports = ray_cmd(["--head"], {"FLEET_RAY_NODE_IP": "172.28.20.11"})
     f = flags(argv)
-    assert argv[:3] == ["ray", "start", "--block"]
+    # `ray start` through our wrapper (ray_start.py lengthens Ray's node-registration wait)
+    assert argv[1:5] == ["-m", "vllm_fleet.entrypoints.ray_start", "start", "--block"]
     assert f["--node-ip-address"] == "172.28.20.11"
     assert f["--dashboard-host"] == "172.28.20.11"
     assert "0.0.0.0" not in " ".join(argv)

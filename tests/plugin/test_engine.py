@@ -9,32 +9,30 @@ a time except for the deliberate orphan left by a kill -9, then two TP=1 engines
    a relaunch with VLLM_FLEET_CLEANUP=0 starts but leaves all of that in place (the leak), and a
    relaunch with cleanup kills the orphans of both dead launches and frees their segments, and
    (run with --enforce-eager) samples the model's own all-reduce calls;
-3. two live launches of the same deployment on one machine (TP=1, one core each): derived ports
+3. two live launches of the same deployment on one machine (TP=1 each): derived ports
    and state apart, the second's startup cleanup leaves the first alone, both serve.
 """
 from __future__ import annotations
 
 import json
 import os
-import signal
-import socket
-import subprocess
 import threading
 import time
-import urllib.request
 import uuid
 
 import pytest
 
-from conftest import ENGINE_PY, child_env, engine_has
+from conftest import ENGINE_PY, engine_has
+from tests.engine_parts import Engine as _Engine
+from tests.engine_parts import kill_session as _kill_session
+from tests.engine_parts import make_tiny_model
+from tests.engine_parts import session_procs as _session_procs
 from vllm_fleet import cleanup, launch
 from vllm_fleet.entrypoints.serve import CPU_NO_COMPILER_CC
 
 pytestmark = pytest.mark.engine
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 DEPLOYMENT = f"enginetest-{uuid.uuid4().hex[:6]}"
-STARTUP_S = 300
 
 
 @pytest.fixture(scope="module")
@@ -44,34 +42,30 @@ def engine_env(tmp_path_factory):
     if not engine_has("vllm_fleet.plugin"):
         pytest.skip("vllm_fleet is not installed in the engine venv (pip install -e images/vllm_fleet)")
     root = tmp_path_factory.mktemp("engine")
-    model = root / "tiny"
-    subprocess.run([str(ENGINE_PY), os.path.join(HERE, "..", "..", "tools", "make_tiny_llama.py"), str(model),
-                    "--hidden", "256", "--layers", "2"], check=True, capture_output=True, timeout=300)
-    return {"root": root, "model": str(model), "state": root / "state"}
+    return {"root": root, "model": make_tiny_model(root / "tiny"), "state": root / "state"}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def Engine(where, launch_id, **kw):  # noqa: N802 - one deployment for every launch here
+    return _Engine(where, launch_id, DEPLOYMENT, **kw)
 
 
-def _session_procs(sid: int) -> list[int]:
-    """Live processes of the session the engine was started in (start_new_session): found
-    independently of the plugin's own launch markers, so the test checks them."""
-    out = []
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
+def _poll(what: str, read, timeout: float = 120):
+    """read() until it returns something truthy (files the plugin's threads flush every second);
+    the bound is for a busy machine."""
+    deadline, last = time.time() + timeout, None
+    while time.time() < deadline:
         try:
-            with open(f"/proc/{name}/stat") as fh:
-                data = fh.read()
-        except OSError:
-            continue
-        fields = data[data.rindex(")") + 2:].split()
-        if fields[0] != "Z" and int(fields[3]) == sid:
-            out.append(int(name))
-    return out
+            last = read()
+        except (OSError, ValueError):  # a file being replaced
+            last = None
+        if last:
+            return last
+        time.sleep(0.2)
+    raise AssertionError(f"{what}: not within {timeout:.0f}s (last: {last!r})")
+
+
+def _json_files(launch_dir, pattern: str) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted(launch_dir.glob(pattern))]
 
 
 def _shm_of(pids) -> set[str]:
@@ -85,91 +79,6 @@ def _shm_of(pids) -> set[str]:
         except OSError:
             pass
     return out
-
-
-class Engine:
-    """One launch started the way the serving container starts it: ``fleet-serve`` (ports from
-    the launch id through launch.ensure_launch, launch.json, exec of the API server)."""
-
-    def __init__(self, env_info, launch_id: str, tp: int = 2, bind: str = "0|1",
-                 engine_args: tuple[str, ...] = ("--enforce-eager",), **extra):
-        self.launch_id = launch_id
-        self.port = _free_port()
-        self.state = env_info["state"]
-        self.log_path = env_info["root"] / f"{launch_id}.log"
-        env = child_env(FLEET_FABRIC_ENV="/nonexistent", VLLM_FLEET_PROBE_EVERY_STEPS=4,
-                        VLLM_FLEET_EAGER_SAMPLE_EVERY=4, VLLM_FLEET_CLEANUP_GRACE_S=1,
-                        FLEET_NODE_NAME="enginehost", **extra)
-        self.log = open(self.log_path, "w")
-        self.proc = subprocess.Popen(
-            [str(ENGINE_PY), "-m", "vllm_fleet.entrypoints.serve", "--engine", "cpu",
-             "--model", env_info["model"], "--served-model-name", "tiny",
-             "--tensor-parallel-size", str(tp), "--max-model-len", "256", "--dtype", "bfloat16",
-             "--host", "127.0.0.1", "--port", str(self.port), "--deployment", DEPLOYMENT,
-             "--launch-id", launch_id, "--state-dir", str(self.state),
-             "--cpu-omp-threads-bind", bind, "--cpu-kvcache-gib", "1", "--", *engine_args],
-            env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
-
-    @property
-    def launch_dir(self):
-        return self.state / "launches" / self.launch_id
-
-    def launch_doc(self) -> dict:
-        return json.loads((self.launch_dir / "launch.json").read_text())
-
-    def healthy(self) -> bool:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=5) as r:
-                return r.status == 200
-        except OSError:
-            return False
-
-    def text(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def wait_ready(self) -> None:
-        deadline = time.time() + STARTUP_S
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"engine exited {self.proc.returncode}:\n{self.text()[-4000:]}")
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=2) as r:
-                    if r.status == 200:
-                        return
-            except OSError:
-                pass
-            time.sleep(1)
-        raise AssertionError(f"engine not ready in {STARTUP_S}s:\n{self.text()[-4000:]}")
-
-    def chat(self, max_tokens: int = 12) -> dict:
-        body = json.dumps({"model": "tiny", "max_tokens": max_tokens, "messages": [
-            {"role": "user", "content": "the cluster serves tokens"}]}).encode()
-        req = urllib.request.Request(f"http://127.0.0.1:{self.port}/v1/chat/completions", body,
-                                     {"Content-Type": "application/json"})
-        with urllib.request.urlopen(req, timeout=60) as r:
-            assert r.status == 200
-            return json.load(r)
-
-    def kill9_api_server(self) -> None:
-        os.kill(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(10)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-        self.log.close()
-
-
-def _kill_session(sid: int) -> None:
-    for pid in _session_procs(sid):
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except OSError:
-            pass
 
 
 _shared: dict = {}
@@ -188,13 +97,20 @@ def test_tp2_engine_with_plugin_hooks_probe_and_serving(engine_env):
             out = eng.chat()
             assert out["choices"][0]["finish_reason"] in ("length", "stop")
             assert out["usage"]["completion_tokens"] > 0
-        time.sleep(2.5)  # watchdog thread flushes every second
+        launch_dir = engine_env["state"] / "launches" / lid
+
+        def flushed():  # both workers' probe histograms (every size) and watchdog files written
+            ar = _json_files(launch_dir, "allreduce-enginehost-*.json")
+            col = _json_files(launch_dir, "collective-enginehost-*.json")
+            probes = [[h for h in d["histograms"] if h["source"] == "probe"] for d in ar]
+            return (len(ar) == 2 and all(len(p) == 5 and p[0]["count"] >= 6 for p in probes)
+                    and len(col) == 2 and all(d["completed_total"] > 0 for d in col))
+        _poll("probe and watchdog files of both workers", flushed)
         log = eng.text()
         assert "hooks active in worker rank 0" in log and "hooks active in worker rank 1" in log
         assert "GroupCoordinator._all_reduce_out_place" in log
         assert "custom all-reduce not_applicable" in log
         assert "all-reduce probe ran at step 1" in log
-        launch_dir = engine_env["state"] / "launches" / lid
         doc = eng.launch_doc()  # written by fleet-serve through launch.ensure_launch
         assert doc["ports"]["api"] == eng.port and set(launch.PORT_NAMES) <= set(doc["ports"])
         gate = json.loads((launch_dir / "p2p-gate-enginehost.json").read_text())
@@ -270,9 +186,9 @@ def test_kill9_relaunch_leaks_without_cleanup_and_starts_clean_with_it(engine_en
         for _ in range(3):
             assert c.chat()["usage"]["completion_tokens"] > 0
         # c runs with --enforce-eager: the model's own all-reduce calls are sampled too
-        time.sleep(2.5)
-        eager = [h for path in c.launch_dir.glob("allreduce-enginehost-*.json")
-                 for h in json.loads(path.read_text())["histograms"] if h["source"] == "eager"]
+        eager = _poll("eager samples in c's histogram files", lambda: [
+            h for d in _json_files(c.launch_dir, "allreduce-enginehost-*.json")
+            for h in d["histograms"] if h["source"] == "eager"])
         assert eager and all(h["count"] > 0 and h["backend"] in ("shm", "gloo") for h in eager), eager
         assert b_pids_before  # sanity: launch b really ran processes
     finally:
@@ -294,13 +210,13 @@ def _members(eng) -> set[int]:
 
 
 def test_two_live_launches_of_one_deployment_share_a_machine(engine_env):
-    """Two launches of the same deployment on one machine at the same time, each TP=1 on its own
-    core: derived ports and state dirs apart, the second one's startup cleanup leaves the first
-    (its processes and its /dev/shm segments) alone, and both serve."""
+    """Two launches of the same deployment on one machine at the same time, each TP=1: derived
+    ports and state dirs apart, the second one's startup cleanup leaves the first (its processes
+    and its /dev/shm segments) alone, and both serve."""
     x = y = None
     try:
         t0 = time.time()
-        x = Engine(engine_env, f"{DEPLOYMENT}-x", tp=1, bind="0")
+        x = Engine(engine_env, f"{DEPLOYMENT}-x", tp=1)
         x.wait_ready()
         t_x = time.time() - t0
         assert x.chat()["usage"]["completion_tokens"] > 0
@@ -308,7 +224,7 @@ def test_two_live_launches_of_one_deployment_share_a_machine(engine_env):
         x_shm = _shm_of(x_pids)
         assert len(x_pids) >= 2 and x_shm, (x_pids, x_shm)  # API server + EngineCore, MQ segments
         t1 = time.time()
-        y = Engine(engine_env, f"{DEPLOYMENT}-y", tp=1, bind="1")
+        y = Engine(engine_env, f"{DEPLOYMENT}-y", tp=1)
         y.wait_ready()
         t_y = time.time() - t1
 

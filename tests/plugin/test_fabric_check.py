@@ -6,11 +6,11 @@ import socket
 import subprocess
 import threading
 import time
-import uuid
 
 import pytest
 
 from conftest import ENGINE_PY, child_env, engine_has
+from tests.engine_parts import RAY_NET
 from vllm_fleet.fabric_check import launcher
 from vllm_fleet.fabric_check.cli import parse_size
 from vllm_fleet.fabric_check.coordinator import fabric_port
@@ -53,7 +53,7 @@ def test_two_gloo_ranks_on_localhost(torch_py, tmp_path):
     r = subprocess.run(_cmd(torch_py, "--nproc-per-node", "2", "--launch-id", "fc-ok",
                             "--max-size", "1M", "--master-port", str(_free_port()),
                             "--timeout", "30", "--json-out", str(out_json)),
-                       capture_output=True, text=True, timeout=180, env=child_env())
+                       capture_output=True, text=True, timeout=600, env=child_env())
     assert r.returncode == 0, r.stdout + r.stderr
     assert "busbw_GB/s" in r.stdout and "RESULT: OK" in r.stdout
     report = json.loads(out_json.read_text())
@@ -74,45 +74,63 @@ def test_missing_node_times_out_naming_it(torch_py):
     r = subprocess.run(_cmd(torch_py, "--nnodes", "2", "--node-rank", "0", "--nproc-per-node",
                             "1", "--launch-id", "fc-missing", "--master-port", str(_free_port()),
                             "--timeout", "4", "--max-size", "1K"),
-                       capture_output=True, text=True, timeout=120, env=child_env())
+                       capture_output=True, text=True, timeout=600, env=child_env())
     elapsed = time.time() - t0
     assert r.returncode == 124, r.stdout + r.stderr
     assert "FABRIC CHECK TIMEOUT" in r.stderr
     assert "rank 1 on node 1" in r.stderr and "interface lo" in r.stderr
-    assert elapsed < 60
+    # ends on its own timers (4 s step, hard timer, asking who is behind), never hangs; the rest
+    # is interpreter and torch start-up, which takes long on a busy machine
+    assert elapsed < 4 + launcher.HARD_EXTRA_S + launcher.SILENT_S + launcher.ASK_S + 120
 
 
 # A TCPStore client of the check's coordinator (as the ranks' heartbeats are): the moment a rank
 # is inside the all-reduce sweep (progress step >= 3: join, communicator init, first size), it
 # SIGSTOPs that rank's process (its pid is in the rank's registration) and prints the pid and the
-# time of the stop.
+# time of the stop. Finding the coordinator tries each address with a short connect (only node 0
+# listens); watching it then uses a connection with a long timeout, so that a busy machine slows
+# it down without failing it. Exit 3: the check ended before the rank reached the sweep.
 STOP_IN_SWEEP = r"""
 import datetime, json, os, signal, sys, time
 from torch.distributed import TCPStore
 hosts, port, rank, launch_id = sys.argv[1].split(","), int(sys.argv[2]), sys.argv[3], sys.argv[4]
-deadline = time.time() + 150
-store, i = None, 0
-while store is None and time.time() < deadline:
-    host = hosts[i % len(hosts)]  # node 0's address, where the coordinator runs
+deadline = time.time() + 600
+found, i = None, 0
+while found is None and time.time() < deadline:
+    host = hosts[i % len(hosts)]
     i += 1
     try:
         s = TCPStore(host, port, 2, False, timeout=datetime.timedelta(seconds=2),
                      wait_for_workers=False)
         if s.check(["launch_id"]) and s.get("launch_id").decode() == launch_id:
-            store = s
+            found = host
             continue
     except Exception:
         pass
     time.sleep(0.1)
-while store is not None and time.time() < deadline:
-    if store.check(["progress/" + rank]) and json.loads(store.get("progress/" + rank))[0] >= 3:
+if found is None:
+    sys.exit("no coordinator of %s at %s:%d" % (launch_id, hosts, port))
+store = TCPStore(found, port, 2, False, timeout=datetime.timedelta(seconds=120),
+                 wait_for_workers=False)
+while time.time() < deadline:
+    try:
+        progress = json.loads(store.get("progress/" + rank)) if store.check(["progress/" + rank]) else None
+    except Exception as exc:  # the coordinator (node 0's rank 0) is gone: the check ended
+        print("check ended before rank %s reached the sweep: %s" % (rank, exc), file=sys.stderr)
+        sys.exit(3)
+    if progress and progress[0] >= 3:
         pid = json.loads(store.get("rank/" + rank))["pid"]
         os.kill(pid, signal.SIGSTOP)
-        print(pid, time.time(), json.loads(store.get("progress/" + rank))[1], flush=True)
+        print(pid, time.time(), progress[1], flush=True)
         sys.exit(0)
     time.sleep(0.01)
-sys.exit(1)
+sys.exit("rank %s not inside the sweep after 600 s" % rank)
 """
+
+# Step timeout of the SIGSTOP tests: long enough for every rank to start, join and set up its
+# communicator on a busy 2-core machine (ranks that start seconds apart, each importing torch),
+# so that the timeout that ends the check is the stopped rank's, never a slow start's.
+STOP_TIMEOUT_S = 30
 
 
 def _read_lines(stream, sink):
@@ -137,7 +155,7 @@ def test_stopped_rank_is_named_and_every_node_ends_within_the_hard_timeout(torch
     """A rank frozen for real (SIGSTOP) inside the all-reduce sweep, on the second of two nodes:
     its peer names it (node, rank, interface, not responding) and exits 124; its own node's
     launcher names it as stopped and ends too; both within the hard timeout, never hanging."""
-    timeout = 4
+    timeout = STOP_TIMEOUT_S
     port = _free_port()
     common = ["--nnodes", "2", "--nproc-per-node", "1", "--launch-id", "fc-stop",
               "--master-port", str(port), "--timeout", str(timeout), "--max-size", "64M"]
@@ -154,13 +172,13 @@ def test_stopped_rank_is_named_and_every_node_ends_within_the_hard_timeout(torch
             nodes.append(p)
             for stream in (p.stdout, p.stderr):
                 threading.Thread(target=_read_lines, args=(stream, out[rank]), daemon=True).start()
-        w_out, w_err = stopper.communicate(timeout=200)
+        w_out, w_err = stopper.communicate(timeout=660)
         assert stopper.returncode == 0, w_err[-3000:] + "".join(out[0] + out[1])
         stopped, t_stop = int(w_out.split()[0]), float(w_out.split()[1])  # inside the sweep
         assert all(p.poll() is None for p in nodes), "".join(out[0] + out[1])
         hard = timeout + launcher.HARD_EXTRA_S
         for p in nodes:
-            p.wait(timeout=hard + launcher.SILENT_S + 30)
+            p.wait(timeout=hard + launcher.SILENT_S + launcher.ASK_S + 120)
         took = time.time() - t_stop
         text0, text1 = "".join(out[0]), "".join(out[1])
         assert nodes[0].returncode == 124, text0
@@ -175,136 +193,15 @@ def test_stopped_rank_is_named_and_every_node_ends_within_the_hard_timeout(torch
             "ready (gloo)" in text1 and "fabric check: rank 0 on node 0" in text0
         own = next(x for x in out[1] if x.startswith("FABRIC CHECK TIMEOUT: rank 1 on node 1"))
         assert "interface lo" in own and f"pid {stopped}" in own and "stopped" in own, own
-        # the stuck node's launcher gives up after the hard timeout; the peer after the group's
-        assert hard - 1 <= took < hard + launcher.SILENT_S + 15, took
+        # the stuck node's launcher gives up after the hard timeout, not before; the peer after
+        # the group's. The upper bound only says "ends by itself" (slack for a busy machine).
+        assert hard - 1 <= took < hard + launcher.SILENT_S + launcher.ASK_S + 60, took
         print(f"SIGSTOP timeout path: both nodes ended {took:.1f}s after the stop\n{peer}{own}")
     finally:
         _resume_and_reap(stopped, nodes + [stopper])
 
 
-# --- Ray launcher: a real local Ray cluster of two nodes on loopback addresses of their own ---
-
-RAY_START_S = 120
-# 127.<random>.<random>.2 / .3: other sessions on this machine run Ray clusters on 127.0.0.x
-RAY_NET = "127.{}.{}".format(*(1 + b % 254 for b in uuid.uuid4().bytes[:2]))
-
-
-def _session_pids(sid):
-    out = []
-    for name in os.listdir("/proc"):
-        if name.isdigit():
-            try:
-                with open(f"/proc/{name}/stat") as fh:
-                    data = fh.read()
-            except OSError:
-                continue
-            if int(data[data.rindex(")") + 2:].split()[3]) == sid:
-                out.append(int(name))
-    return out
-
-
-class RayNode:
-    """``ray start --block`` in its own session; stopped by signalling that session only (never
-    ``ray stop``, which kills every Ray process on the machine, containers' included)."""
-
-    def __init__(self, ray_bin, tmp, ip, token_file, head=None):
-        self.ip = ip
-        self.log_path = tmp / f"ray-{ip}.log"
-        self.token_file = token_file
-        argv = [ray_bin, "start", "--block", "--node-ip-address", ip, "--num-cpus", "1",
-                "--num-gpus", "0", "--disable-usage-stats", "--object-store-memory", "80000000",
-                "--include-log-monitor", "false", "--temp-dir", str(tmp / "ray"),
-                "--node-manager-port", str(_free_port()),
-                "--object-manager-port", str(_free_port()),
-                "--dashboard-agent-listen-port", str(_free_port()),
-                "--dashboard-agent-grpc-port", str(_free_port()),
-                "--runtime-env-agent-port", str(_free_port()),
-                "--metrics-export-port", str(_free_port())]
-        if head is None:
-            self.gcs_port = _free_port()
-            argv += ["--head", "--port", str(self.gcs_port), "--include-dashboard", "false",
-                     "--dashboard-port", str(_free_port()),
-                     "--ray-client-server-port", str(_free_port())]
-            self.address = f"{ip}:{self.gcs_port}"
-        else:
-            argv += ["--address", head.address]
-            self.address = head.address
-        # the fabric env of a fleet node: Ray workers inherit it from the raylet; token
-        # authentication on, as the ray_cluster role starts every node
-        env = child_env(RAY_USAGE_STATS_ENABLED=0, GLOO_SOCKET_IFNAME="lo",
-                        FLEET_NODE_NAME=f"raynode-{ip}", RAY_AUTH_MODE="token",
-                        RAY_AUTH_TOKEN_PATH=token_file, HOME=tmp)
-        self.log = open(self.log_path, "w")
-        self.proc = subprocess.Popen(argv, env=env, stdout=self.log, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
-
-    def wait_started(self):
-        deadline = time.time() + RAY_START_S
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"ray start on {self.ip} exited {self.proc.returncode}:\n"
-                                     + self.log_path.read_text()[-3000:])
-            if "will now block forever" in self.log_path.read_text(errors="replace"):
-                return
-            time.sleep(0.5)
-        raise AssertionError(f"ray node {self.ip} not up in {RAY_START_S}s:\n"
-                             + self.log_path.read_text()[-3000:])
-
-    def stop(self):
-        sid = self.proc.pid
-        if self.proc.poll() is None:
-            self.proc.terminate()  # ray start --block stops its own processes on SIGTERM
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                pass
-        deadline = time.time() + 15
-        while _session_pids(sid) and time.time() < deadline:
-            time.sleep(0.5)
-        for pid in _session_pids(sid):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except OSError:
-                pass
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
-        self.log.close()
-
-
-@pytest.fixture(scope="module")
-def ray_cluster(tmp_path_factory):
-    from conftest import ENGINE_VENV
-
-    if not engine_has("ray"):
-        pytest.skip(f"needs ray in the engine venv {ENGINE_VENV} (tools/bootstrap.sh engine)")
-    ray_bin = str(ENGINE_VENV / "bin" / "ray")
-    nodes: list = []
-    try:
-        for attempt in (1, 2):  # one retry: on a saturated shared machine the GCS can time out
-            tmp = tmp_path_factory.mktemp("ray")
-            token = tmp / "ray-auth-token"
-            token.write_text(uuid.uuid4().hex + uuid.uuid4().hex)
-            token.chmod(0o600)
-            t0 = time.time()
-            try:
-                nodes.append(RayNode(ray_bin, tmp, f"{RAY_NET}.2", str(token)))
-                nodes[0].wait_started()
-                nodes.append(RayNode(ray_bin, tmp, f"{RAY_NET}.3", str(token), head=nodes[0]))
-                nodes[1].wait_started()
-                break
-            except AssertionError as exc:
-                for node in reversed(nodes):
-                    node.stop()
-                nodes.clear()
-                if attempt == 2:
-                    raise
-                print(f"ray cluster did not start (retrying once): {str(exc)[:2000]}")
-        print(f"ray cluster of 2 nodes up in {time.time() - t0:.1f}s")
-        yield nodes
-    finally:
-        for node in reversed(nodes):
-            node.stop()
+# --- Ray launcher: the real local Ray cluster of two nodes (tests/conftest.py: ray_cluster) ---
 
 
 @pytest.mark.engine
@@ -312,8 +209,8 @@ def test_ray_launcher_places_one_task_per_node_and_gathers_the_table(ray_cluster
     out_json = tmp_path / "fabric-ray.json"
     t0 = time.time()
     r = subprocess.run(_ray_cmd(ray_cluster, "fc-ray", "--max-size", "1M", "--timeout", "30",
-                                "--json-out", str(out_json)),
-                       capture_output=True, text=True, timeout=400, env=child_env())
+                                "--ray-timeout", "180", "--json-out", str(out_json)),
+                       capture_output=True, text=True, timeout=900, env=child_env())
     took = time.time() - t0
     assert r.returncode == 0, r.stdout + r.stderr
     assert "RESULT: OK" in r.stdout and "busbw_GB/s" in r.stdout
@@ -365,13 +262,13 @@ def test_ray_launcher_without_the_token_is_refused_by_the_cluster(ray_cluster, t
 def test_ray_launcher_names_the_node_of_a_stopped_rank(ray_cluster):
     """A rank frozen (SIGSTOP) on one Ray node: the driver still ends within the hard timeout,
     with that node's rank named as stopped and its peer naming it as not responding."""
-    timeout = 4
+    timeout = STOP_TIMEOUT_S
     stopper = subprocess.Popen([str(ENGINE_PY), "-c", STOP_IN_SWEEP,
                                 f"{RAY_NET}.2,{RAY_NET}.3", str(fabric_port("fc-ray-stop")), "1",
                                 "fc-ray-stop"], env=child_env(), stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True)
     p = subprocess.Popen(_ray_cmd(ray_cluster, "fc-ray-stop", "--max-size", "64M", "--timeout",
-                                  str(timeout)),
+                                  str(timeout), "--ray-timeout", "180"),
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                          env=child_env())
     out, err, stopped = [], [], None
@@ -380,11 +277,11 @@ def test_ray_launcher_names_the_node_of_a_stopped_rank(ray_cluster):
     try:
         # the ranks' ready lines come back with the node's output only at the end: watch the
         # coordinator instead and stop rank 1 once it is inside the sweep
-        w_out, w_err = stopper.communicate(timeout=200)
+        w_out, w_err = stopper.communicate(timeout=660)
         assert stopper.returncode == 0, w_err[-3000:] + "".join(out + err)
         stopped, t_stop = int(w_out.split()[0]), float(w_out.split()[1])
         assert p.poll() is None, "".join(out + err)
-        p.wait(timeout=timeout + launcher.HARD_EXTRA_S + launcher.SILENT_S + 60)
+        p.wait(timeout=timeout + launcher.HARD_EXTRA_S + launcher.SILENT_S + launcher.ASK_S + 180)
         took = time.time() - t_stop
         text = "".join(err)
         assert p.returncode == 124, "".join(out) + text
@@ -393,7 +290,8 @@ def test_ray_launcher_names_the_node_of_a_stopped_rank(ray_cluster):
         assert own.startswith(f"[node 1 {RAY_NET}.") and "stopped" in own and "interface lo" in own
         peer = next(x for x in err if "FABRIC CHECK TIMEOUT: rank 0 on node 0" in x)
         assert f"behind: rank 1 on node 1 (raynode-{RAY_NET}." in peer and "not responding" in peer
-        assert took < timeout + launcher.HARD_EXTRA_S + launcher.SILENT_S + 30, took
+        # ends by itself: the ranks' timers, then Ray hands the nodes' output back (busy-box slack)
+        assert took < timeout + launcher.HARD_EXTRA_S + launcher.SILENT_S + launcher.ASK_S + 120, took
         print(f"Ray launcher, SIGSTOP of rank 1: ended {took:.1f}s after the stop\n{own}{peer}")
     finally:
         _resume_and_reap(stopped, [p, stopper])
@@ -401,8 +299,8 @@ def test_ray_launcher_names_the_node_of_a_stopped_rank(ray_cluster):
 
 @pytest.mark.engine
 def test_ray_launcher_more_nodes_than_the_cluster_has_fails_listing_the_nodes(ray_cluster):
-    r = subprocess.run(_ray_cmd(ray_cluster, "fc-ray-3", "--nnodes", "3", "--ray-timeout", "30"),
-                       capture_output=True, text=True, timeout=120, env=child_env())
+    r = subprocess.run(_ray_cmd(ray_cluster, "fc-ray-3", "--nnodes", "3", "--ray-timeout", "180"),
+                       capture_output=True, text=True, timeout=600, env=child_env())
     assert r.returncode == 1, r.stdout + r.stderr
     assert f"Ray cluster at {ray_cluster[0].address} has 2 node(s)" in r.stderr, r.stderr
     assert "3 wanted" in r.stderr
@@ -417,9 +315,10 @@ def test_ray_launcher_gives_up_on_an_unreachable_cluster_naming_it():
     t0 = time.time()
     r = subprocess.run([str(ENGINE_PY), "-m", "vllm_fleet.fabric_check.cli", "--launcher", "ray",
                         "--ray-address", address, "--launch-id", "fc-ray-none",
-                        "--ray-timeout", "8"], capture_output=True, text=True, timeout=120,
+                        "--ray-timeout", "8"], capture_output=True, text=True, timeout=600,
                        env=child_env())
     took = time.time() - t0
     assert r.returncode in (1, 124), r.stdout + r.stderr
     assert address in r.stderr and ("not reachable" in r.stderr or "cannot connect" in r.stderr)
-    assert took < 8 + 40, took
+    # gives up at its own deadline (8 s after importing Ray; slack for a busy machine's start-up)
+    assert took < 8 + 120, took

@@ -1,7 +1,8 @@
 """PP timing on vLLM's isend_tensor_dict / irecv_tensor_dict path (RayExecutorV2, mp executor):
 per-work NCCL timing of the PP device group, kept works polled on later calls, never waited for;
-the CPU engine path untouched. Fakes stand in for torch's Work and ProcessGroup (the CUDA side is
-proven on GPU: docs/benchmarks/2026-11-21-h200x4-tp2pp2.md); one test uses real gloo works."""
+the CPU engine path untouched. Fake* classes stand in for torch's CUDA Work and ProcessGroup and
+vLLM's GroupCoordinator (no CUDA here; the CUDA side is proven on GPU:
+docs/benchmarks/2026-11-21-h200x4-tp2pp2.md); one test uses real gloo works."""
 import json
 import logging
 import subprocess
@@ -12,7 +13,7 @@ from conftest import child_env
 from vllm_fleet import plugin, probe, state
 
 
-class Tensor:
+class FakeTensor:
     def __init__(self, nbytes, cuda=True, itemsize=2):
         self._n, self._item, self.is_cuda = nbytes // itemsize, itemsize, cuda
 
@@ -23,7 +24,7 @@ class Tensor:
         return self._item
 
 
-class Work:
+class FakeWork:
     """torch.distributed Work as ProcessGroupNCCL returns it: is_completed() is an event query;
     _get_duration() in ms, valid once completed and only for works created with timing on."""
 
@@ -43,7 +44,7 @@ class Work:
         self.waited += 1
 
 
-class PG:
+class FakePG:
     def __init__(self, can_time=True):
         self.timing, self.enabled_calls = False, 0
         if not can_time:
@@ -54,12 +55,12 @@ class PG:
         self.timing = True
 
 
-class Coord:
+class FakeCoord:
     """GroupCoordinator's PP side as vLLM 0.24 has it (all-gather split over the TP group)."""
     world_size, rank_in_group, unique_name = 2, 0, "pp:0"
 
     def __init__(self, pg=None, scope="inter"):
-        self.device_group = pg or PG()
+        self.device_group = pg or FakePG()
         self._fleet_scope = scope
         self.works, self.calls = [], []
 
@@ -70,21 +71,21 @@ class Coord:
     def isend_tensor_dict(self, tensor_dict, dst=None, all_gather_group=None,
                           all_gather_tensors=None):
         self.calls.append("isend")
-        out = [Work(self.device_group) for v in tensor_dict.values()
-               if isinstance(v, Tensor) and v.numel()]
+        out = [FakeWork(self.device_group) for v in tensor_dict.values()
+               if isinstance(v, FakeTensor) and v.numel()]
         self.works += out
         return out
 
     def irecv_tensor_dict(self, src=None, all_gather_group=None, all_gather_tensors=None):
         self.calls.append("irecv")
-        td = {"hidden_states": Tensor(8192), "residual": Tensor(8192), "meta": 3,
-              "empty": Tensor(0)}
-        out = [Work(self.device_group) for _ in range(2)]
+        td = {"hidden_states": FakeTensor(8192), "residual": FakeTensor(8192), "meta": 3,
+              "empty": FakeTensor(0)}
+        out = [FakeWork(self.device_group) for _ in range(2)]
         self.works += out
         return td, out, ["postprocess"]
 
 
-class TP:
+class FakeTP:
     world_size = 2
 
 
@@ -100,10 +101,10 @@ def hists(rec):
 
 
 def test_sampled_isend_works_are_read_on_a_later_call_once_completed():
-    rec, coord = sends(every=2), Coord()
-    td = {"hidden_states": Tensor(3 << 20), "residual": Tensor(3 << 20), "n": 7,
-          "cpu": Tensor(64, cuda=False), "empty": Tensor(0)}
-    kw = dict(all_gather_group=TP(), all_gather_tensors={"residual": False})
+    rec, coord = sends(every=2), FakeCoord()
+    td = {"hidden_states": FakeTensor(3 << 20), "residual": FakeTensor(3 << 20), "n": 7,
+          "cpu": FakeTensor(64, cuda=False), "empty": FakeTensor(0)}
+    kw = dict(all_gather_group=FakeTP(), all_gather_tensors={"residual": False})
     out = rec.pp_isend(coord, coord.isend_tensor_dict, td, **kw)
     assert out == coord.works and len(out) == 3          # vLLM's handles, unchanged
     assert coord.device_group.enabled_calls == 0 and rec._pp_pending == []   # call 1: not sampled
@@ -128,8 +129,8 @@ def test_sampled_isend_works_are_read_on_a_later_call_once_completed():
 
 
 def test_irecv_is_timed_with_its_own_source_and_passed_through():
-    rec, coord = sends(every=1), Coord(scope="intra")
-    result = rec.pp_irecv(coord, coord.irecv_tensor_dict, all_gather_group=TP())
+    rec, coord = sends(every=1), FakeCoord(scope="intra")
+    result = rec.pp_irecv(coord, coord.irecv_tensor_dict, all_gather_group=FakeTP())
     assert result[1] == coord.works and result[2] == ["postprocess"]
     for w in coord.works:
         w.done = True
@@ -139,8 +140,8 @@ def test_irecv_is_timed_with_its_own_source_and_passed_through():
 
 
 def test_no_work_timing_in_torch_turns_it_off_once_and_serving_goes_on(caplog):
-    rec, coord = sends(every=1), Coord(pg=PG(can_time=False))
-    td = {"hidden_states": Tensor(4096)}
+    rec, coord = sends(every=1), FakeCoord(pg=FakePG(can_time=False))
+    td = {"hidden_states": FakeTensor(4096)}
     with caplog.at_level(logging.WARNING, logger="vllm_fleet.probe"):
         for _ in range(5):
             assert len(rec.pp_isend(coord, coord.isend_tensor_dict, td)) == 1
@@ -150,9 +151,9 @@ def test_no_work_timing_in_torch_turns_it_off_once_and_serving_goes_on(caplog):
 
 
 def test_duration_errors_turn_it_off_after_a_few_and_never_raise():
-    rec, coord = sends(every=1), Coord()
+    rec, coord = sends(every=1), FakeCoord()
     coord._fleet_work_timing = True  # switched on, but the backend cannot time its works
-    td = {"hidden_states": Tensor(4096)}
+    td = {"hidden_states": FakeTensor(4096)}
     for _ in range(probe.PP_MAX_DURATION_ERRORS + 3):
         assert len(rec.pp_isend(coord, coord.isend_tensor_dict, td)) == 1
         for w in coord.works:
@@ -162,20 +163,20 @@ def test_duration_errors_turn_it_off_after_a_few_and_never_raise():
 
 
 def test_a_changed_vllm_hand_over_is_not_guessed_at():
-    class Odd(Coord):
+    class Odd(FakeCoord):
         def isend_tensor_dict(self, tensor_dict, *a, **k):
-            return [Work(self.device_group)]  # one work for two tensors
+            return [FakeWork(self.device_group)]  # one work for two tensors
 
     rec, coord = sends(every=1), Odd()
-    out = rec.pp_isend(coord, coord.isend_tensor_dict, {"a": Tensor(8), "b": Tensor(8)})
+    out = rec.pp_isend(coord, coord.isend_tensor_dict, {"a": FakeTensor(8), "b": FakeTensor(8)})
     assert len(out) == 1 and rec.pp_off and "1 works for 2 tensors" in rec.pp_off
 
 
 def test_kept_works_are_bounded_and_stats_are_written(state_dir, monkeypatch):
     monkeypatch.setenv("VLLM_FLEET_LAUNCH_ID", "pp-1")
-    rec, coord = sends(every=1), Coord()
+    rec, coord = sends(every=1), FakeCoord()
     for _ in range(probe.PP_MAX_PENDING + 10):  # nothing ever completes
-        rec.pp_isend(coord, coord.isend_tensor_dict, {"h": Tensor(1024)})
+        rec.pp_isend(coord, coord.isend_tensor_dict, {"h": FakeTensor(1024)})
     assert len(rec._pp_pending) == probe.PP_MAX_PENDING
     rec.flush()
     doc = json.loads(open(state.allreduce_path()).read())
@@ -184,8 +185,8 @@ def test_kept_works_are_bounded_and_stats_are_written(state_dir, monkeypatch):
 
 
 def test_off_when_sampling_is_off():
-    rec, coord = sends(every=0), Coord()
-    rec.pp_isend(coord, coord.isend_tensor_dict, {"h": Tensor(1024)})
+    rec, coord = sends(every=0), FakeCoord()
+    rec.pp_isend(coord, coord.isend_tensor_dict, {"h": FakeTensor(1024)})
     assert coord.device_group.enabled_calls == 0 and rec._pp_pending == []
 
 
@@ -219,16 +220,16 @@ def test_enable_work_timing_tries_the_cuda_backend_and_says_why_not(monkeypatch)
 # ------------------------------------------------------------------ plugin wiring
 
 
-class Device:
+class FakeDevice:
     def __init__(self, kind):
         self.type = kind
 
 
-class WiredCoord(Coord):
+class FakeWiredCoord(FakeCoord):
     def __init__(self, kind="cuda", name="pp:0"):
         super().__init__()
         del self._fleet_scope
-        self.unique_name, self.device = name, Device(kind)
+        self.unique_name, self.device = name, FakeDevice(kind)
 
         class Comm:
             def send(self, tensor, dst=None):
@@ -241,32 +242,32 @@ def test_plugin_wraps_cuda_pp_groups_only(monkeypatch, caplog):
     gathers = []
     monkeypatch.setattr(plugin, "_gather_hosts",
                         lambda c: gathers.append(c.unique_name) or ["node-a", "node-b"])
-    cpu = WiredCoord("cpu")
+    cpu = FakeWiredCoord("cpu")
     plugin._logged_once.discard("pp-timing-cpu")
     with caplog.at_level(logging.INFO, logger="vllm_fleet"):
         plugin.logger.propagate = True
         try:
             plugin._wrap_pp(cpu)
-            plugin._wrap_pp(WiredCoord("cpu"))
+            plugin._wrap_pp(FakeWiredCoord("cpu"))
         finally:
             plugin.logger.propagate = False
     assert caplog.text.count("inactive: PP timing (CUDA only") == 1   # logged once
     assert "isend_tensor_dict" not in vars(cpu) and not getattr(cpu, "_fleet_pp", False)
-    tp = WiredCoord("cuda", "tp:0")
+    tp = FakeWiredCoord("cuda", "tp:0")
     plugin._wrap_pp(tp)
     assert "isend_tensor_dict" not in vars(tp) and gathers == []
 
-    pp = WiredCoord("cuda")
+    pp = FakeWiredCoord("cuda")
     plugin._wrap_pp(pp)
     assert gathers == ["pp:0"] and pp._fleet_scope == "inter" and pp._fleet_pp
     assert pp.device_communicator._fleet_send and pp.device_communicator._fleet_scope == "inter"
-    td = {"h": Tensor(4096)}
+    td = {"h": FakeTensor(4096)}
     assert len(pp.isend_tensor_dict(td, all_gather_group=None)) == 1 and pp.calls == ["isend"]
     assert pp.irecv_tensor_dict()[2] == ["postprocess"] and pp.calls == ["isend", "irecv"]
     plugin._wrap_pp(pp)  # a second call neither wraps twice nor gathers again
     assert gathers == ["pp:0"]
     monkeypatch.setenv("VLLM_FLEET_PP_TIMING", "0")
-    off = WiredCoord("cuda")
+    off = FakeWiredCoord("cuda")
     plugin._wrap_pp(off)
     assert "isend_tensor_dict" not in vars(off) and gathers == ["pp:0"]
 

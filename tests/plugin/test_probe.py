@@ -146,7 +146,7 @@ from vllm_fleet import probe
 rank, port = int(sys.argv[1]), sys.argv[2]
 os.environ["FLEET_NODE_NAME"] = f"host{rank}"
 dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
-                        timeout=datetime.timedelta(seconds=60))
+                        timeout=datetime.timedelta(seconds=600))
 class Coord:
     world_size, unique_name, device = 2, "tp:0", torch.device("cpu")
     cpu_group, device_communicator = dist.group.WORLD, None
@@ -189,7 +189,7 @@ def test_readiness_vote_once_and_rank_local_failure_skips_all_ranks(torch_py, st
     procs = [subprocess.Popen([torch_py, "-c", VOTE_RANKS, str(r), str(port)], env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for r in (0, 1)]
-    outs = [p.communicate(timeout=120)[0] for p in procs]
+    outs = [p.communicate(timeout=600)[0] for p in procs]
     results = []
     for p, out in zip(procs, outs):
         assert p.returncode == 0, out

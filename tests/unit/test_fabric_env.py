@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -18,7 +19,7 @@ FIXTURES = REPO / "tests" / "fixtures"
 sys.path.insert(0, str(FIXTURES))
 
 from ansible_adhoc import run_module  # noqa: E402
-from fake_sysfs import FAKE_IB_LAYOUTS, make_fake_infiniband  # noqa: E402
+from fake_sysfs import FAKE_FABRIC_HOSTS, FAKE_IB_LAYOUTS, make_fake_infiniband  # noqa: E402
 
 SYMLINK = REPO / "ansible" / "plugins" / "module_utils" / "fleet_fabric_env.py"
 SOURCE = REPO / "images" / "vllm_fleet" / "src" / "vllm_fleet" / "fabric_env.py"
@@ -278,6 +279,82 @@ def test_rendered_files(tmp_path):
     path.write_text(env_text)
     assert fe.load_env_file(str(path)) == head["env"]
     assert fe.load_env_file(str(tmp_path / "missing.env")) == {}
+
+
+# --- whole server layouts: the expert's choice, written next to each fake tree -------------------
+
+def server_result(tmp_path, name):
+    spec = FAKE_FABRIC_HOSTS[name]
+    root = make_fake_infiniband(tmp_path / name, spec["ib"])
+    return fe.detect(host="node1", role="head", interface=spec["interface"], dedicated=spec.get("dedicated", False),
+                     rdma_subnets=spec.get("rdma_subnets", []), sysfs_root=str(root),
+                     runner=runner_for(spec["addr"], spec["default"]))
+
+
+SERVED = sorted(n for n, spec in FAKE_FABRIC_HOSTS.items() if "error" not in spec["expect"])
+REFUSED = sorted(n for n, spec in FAKE_FABRIC_HOSTS.items() if "error" in spec["expect"])
+
+
+def test_at_least_eight_server_layouts_each_with_a_reason():
+    assert len(FAKE_FABRIC_HOSTS) >= 8
+    assert all(spec["model"] and spec["why"] and spec["expect"] for spec in FAKE_FABRIC_HOSTS.values())
+
+
+@pytest.mark.parametrize("name", SERVED)
+def test_server_layout_gets_the_experts_nccl_settings(tmp_path, name):
+    expect = FAKE_FABRIC_HOSTS[name]["expect"]
+    result = server_result(tmp_path, name)
+    env = result["env"]
+    assert (result["interface"], env["NCCL_SOCKET_IFNAME"], env["GLOO_SOCKET_IFNAME"]) == (
+        expect["socket"], "=" + expect["socket"], expect["socket"])
+    assert env.get("NCCL_IB_HCA") == expect["NCCL_IB_HCA"]
+    assert env["NCCL_IB_DISABLE"] == ("1" if expect["NCCL_IB_HCA"] is None else "0")
+    assert env.get("NCCL_IB_GID_INDEX") == expect["NCCL_IB_GID_INDEX"]
+    rows = {"%s:%s" % (r["hca"], r["port"]): r for r in result["ib"]["table"]}
+    assert len(rows) == sum(len([k for k in ports if isinstance(k, int)])
+                            for ports in FAKE_FABRIC_HOSTS[name]["ib"].values()), "one table row per port"
+    for port, words in expect["rows"].items():
+        assert words in rows[port]["why"], (port, rows[port])
+    used = sorted(p for p, r in rows.items() if r["used"])
+    assert used == sorted(p.lstrip("=") for p in (expect["NCCL_IB_HCA"] or "").split(",") if p)
+    wanted = expect.get("warnings", [])
+    assert len(result["warnings"]) == len(wanted), result["warnings"]
+    assert all(re.search(p, w) for p, w in zip(wanted, result["warnings"])), result["warnings"]
+
+
+@pytest.mark.parametrize("name", REFUSED)
+def test_server_layout_that_must_stop_the_deploy_names_host_and_cause(tmp_path, name):
+    with pytest.raises(fe.FabricError, match=FAKE_FABRIC_HOSTS[name]["expect"]["error"]):
+        server_result(tmp_path, name)
+
+
+def test_decision_table_shows_every_port_with_used_or_why_not(tmp_path):
+    text = fe.render_table(server_result(tmp_path, "dgx_8ib_rails_roce_mgmt"))
+    lines = text.splitlines()
+    assert lines[0] == ("node1 (head): sockets on ibp24s0 172.16.0.21 (172.16.0.0/16); NCCL_IB_HCA="
+                        "=mlx5_0:1,mlx5_1:1,mlx5_2:1,mlx5_3:1,mlx5_4:1,mlx5_5:1,mlx5_6:1,mlx5_7:1")
+    assert lines[1].split() == ["HCA", "PORT", "STATE", "LINK", "NETDEV", "SUBNET", "GID", "USED"]
+    assert lines[2].split() == ["mlx5_0", "1", "ACTIVE", "InfiniBand", "ibp24s0", "172.16.0.0/16", "-",
+                                "yes:", "ACTIVE", "InfiniBand"]
+    assert lines[3].split()[:7] == ["mlx5_1", "1", "ACTIVE", "InfiniBand", "ibp64s0", "-", "-"]
+    assert lines[10].split()[:7] == ["mlx5_8", "1", "ACTIVE", "Ethernet", "enp170s0f0np0", "10.0.0.0/24", "3"]
+    assert lines[10].endswith("no: netdev enp170s0f0np0 carries the default route (management)")
+    assert len(lines) == 11
+    assert fe.render_table(head_result(tmp_path / "none")).splitlines()[1] == \
+        "  no RDMA device under /sys/class/infiniband"
+
+
+def test_worker_whose_route_to_the_head_is_on_the_management_nic_is_refused_unless_dedicated(tmp_path):
+    """One network for everything: the head's fabric address is reached directly on eth0, which also
+    carries the default route (issue 15 item 6)."""
+    head = {"address": "172.28.10.11", "env": {"NCCL_IB_DISABLE": "1"}}
+    routes = {"172.28.10.11": "172.28.10.11 dev eth0 src 172.28.10.13 uid 0\n"}
+    with pytest.raises(fe.FabricError, match=r"host node3: fabric interface eth0 \(routes to head node1\) carries "
+                                             r"the default route \(default via 172.28.10.1 dev eth0\)"):
+        worker_result(tmp_path, head, routes=routes)
+    ok = worker_result(tmp_path / "dedicated", head, routes=routes, dedicated=True)
+    assert (ok["interface"], ok["address"]) == ("eth0", "172.28.10.13")
+    assert any("fleet_fabric_dedicated=true" in w for w in ok["warnings"])
 
 
 # --- the module through ansible's real invocation --------------------------------------------------

@@ -28,10 +28,11 @@ RENDER_PLAYBOOK = """
 """
 
 
-def write_inventory(tmp: Path, heads: dict[str, tuple[str, int]], extra_hosts: str = "", **overrides) -> Path:
-    """heads: replica -> (address, api port). Every host runs locally; the balancer writes under tmp.
-    The balancer's settings go on its host line (INI [group:vars] values stay strings: a "False"
-    there would be true)."""
+def write_inventory(tmp: Path, heads: dict[str, tuple[str, int]], extra_hosts: str = "",
+                    head_vars: dict[str, str] | None = None, **overrides) -> Path:
+    """heads: replica -> (address, api port); head_vars: replica -> extra host vars of its head.
+    Every host runs locally; the balancer writes under tmp. The balancer's settings go on its host
+    line (INI [group:vars] values stay strings: a "False" there would be true)."""
     lb_vars = {
         "loadbalancer_config_path": tmp / "haproxy.cfg", "loadbalancer_admin_socket": tmp / "admin.sock",
         "loadbalancer_state_file": tmp / "server-state", "loadbalancer_chroot_dir": "",
@@ -39,8 +40,8 @@ def write_inventory(tmp: Path, heads: dict[str, tuple[str, int]], extra_hosts: s
         "loadbalancer_secrets_dir": tmp / "lb-secrets",
     }
     lb_vars.update(overrides)
-    head_lines = "\n".join(f"head-{r} ansible_host={addr} fleet_replica={r} fleet_api_port={port}"
-                           for r, (addr, port) in heads.items())
+    head_lines = "\n".join(f"head-{r} ansible_host={addr} fleet_replica={r} fleet_api_port={port} "
+                           + (head_vars or {}).get(r, "") for r, (addr, port) in heads.items())
     text = f"""
 [fleet_head]
 {head_lines}
@@ -69,8 +70,9 @@ fleet_served_model_name=tiny-llama
     return path
 
 
-def render_config(tmp: Path, heads: dict[str, tuple[str, int]], **overrides) -> str:
-    inventory = write_inventory(tmp, heads, **overrides)
+def render_config(tmp: Path, heads: dict[str, tuple[str, int]], head_vars: dict[str, str] | None = None,
+                  **overrides) -> str:
+    inventory = write_inventory(tmp, heads, head_vars=head_vars, **overrides)
     playbook = tmp / "render.yml"
     playbook.write_text(RENDER_PLAYBOOK)
     proc = subprocess.run(["ansible-playbook", "-i", str(inventory), str(playbook)], cwd=REPO,
@@ -92,8 +94,12 @@ def test_config_has_one_server_per_replica_head_and_passes_haproxy_check(tmp_pat
     check = subprocess.run(["haproxy", "-c", "-f", str(tmp_path / "haproxy.cfg")], capture_output=True, text=True)
     assert check.returncode == 0, check.stdout + check.stderr
     backend = section(config, "backend vllm")
-    servers = re.findall(r"^\s+server (\S+) (\S+)$", backend, re.M)
+    servers = re.findall(r"^\s+server (\S+) (\S+) agent-check agent-port 9446 agent-inter 1s$", backend, re.M)
     assert servers == [("r1", "10.0.0.11:8009"), ("r2", "10.0.0.21:8010")], "workers are never servers"
+    backups = re.findall(r"^\s+server (\S+) (\S+) backup$", backend, re.M)
+    assert backups == [("r1-fallback", "10.0.0.11:8009"), ("r2-fallback", "10.0.0.21:8010")]
+    assert re.search(r"^\s+option allbackups$", backend, re.M), "all replicas judged hung: all still serve"
+    assert "on-marked-down shutdown-sessions" in backend, "requests on a hung replica end when it goes down"
     assert "option httpchk GET /health" in backend
     assert re.search(r"http-check expect status 200", backend)
     assert "balance leastconn" in backend

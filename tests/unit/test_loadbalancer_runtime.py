@@ -6,7 +6,12 @@ drained, restarted and put back costs zero failed requests under load (real Open
 server that HAProxy still believes UP is retried on the other replica; rolling_restart.yml itself
 (stub start role, stub docker) restarts both replicas under load with zero failed requests, and a
 replica that fails its canary stays out while the other keeps serving; deploy.yml's balancer stage
-puts back only the replicas its serve stage smoke-tested.
+puts back only the replicas its serve stage smoke-tested; the role's own handlers save the drain
+and reload HAProxy, and the drain survives the reload.
+
+Stand-ins, each for what cannot run in the unit tier: fake_vllm (restarts in seconds and counts
+what each backend served; the real engines' rolling restart is the lab's day-2 test), stub_docker
+and a stub start role (no serving containers on the controller), stub_systemctl (no systemd here).
 """
 from __future__ import annotations
 
@@ -24,7 +29,7 @@ import pytest
 import requests
 
 from tests.unit.fake_vllm import FakeVLLM, free_port
-from tests.unit.test_loadbalancer_config import render_config
+from tests.unit.test_loadbalancer_config import RENDER_PLAYBOOK, render_config
 
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.skipif(shutil.which("haproxy") is None,
@@ -44,7 +49,11 @@ loadgen = load("loadgen", REPO / "tools/loadgen.py")
 
 
 class Balancer:
-    def __init__(self, tmp: Path, backends: dict[str, FakeVLLM], **overrides):
+    """A real HAProxy in master-worker mode with the role's configuration (Debian's haproxy.service
+    runs it master-worker too, -Ws, and reloads it by SIGUSR2 to the master)."""
+
+    def __init__(self, tmp: Path, backends: dict[str, FakeVLLM], head_vars: dict[str, str] | None = None,
+                 **overrides):
         self.tmp = tmp
         self.port, self.stats_port = free_port(), free_port()
         self.socket = str(tmp / "admin.sock")
@@ -52,14 +61,16 @@ class Balancer:
         self.overrides = dict(dict(loadbalancer_frontend_port=self.port, loadbalancer_stats_port=self.stats_port,
                                    loadbalancer_frontend_address="127.0.0.1", loadbalancer_check_interval="500ms",
                                    loadbalancer_check_rise=1, loadbalancer_tls=False), **overrides)
-        self.config = render_config(tmp, {r: ("127.0.0.1", b.port) for r, b in backends.items()}, **self.overrides)
+        self.config = render_config(tmp, {r: ("127.0.0.1", b.port) for r, b in backends.items()},
+                                    head_vars=head_vars, **self.overrides)
         self.inventory = tmp / "inventory.ini"
-        self.proc = subprocess.Popen(["haproxy", "-db", "-f", str(tmp / "haproxy.cfg")],
+        self.pidfile = tmp / "haproxy.pid"
+        self.proc = subprocess.Popen(["haproxy", "-W", "-db", "-p", str(self.pidfile), "-f", str(tmp / "haproxy.cfg")],
                                      stdout=open(tmp / "haproxy.log", "w"), stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 20
+        deadline = time.monotonic() + 120  # a busy machine: health checks every 500 ms
         while time.monotonic() < deadline:
             try:
-                if all(s["status"] == "UP" for s in self.servers().values()):
+                if all(s["status"].startswith("UP") for s in self.servers().values()):
                     return
             except (haproxy_module.RuntimeApiError, KeyError):
                 pass
@@ -72,6 +83,10 @@ class Balancer:
 
     def servers(self) -> dict:
         return haproxy_module.describe(self.socket, "vllm")
+
+    def worker_pid(self) -> int:
+        info = haproxy_module.command(self.socket, "show info")
+        return int(next(line.split(":", 1)[1] for line in info.splitlines() if line.startswith("Pid:")))
 
     def stop(self):
         self.proc.terminate()
@@ -92,7 +107,7 @@ def fleet(tmp_path):
 
 
 def chat(url: str, stream: bool = False) -> requests.Response:
-    return requests.post(f"{url}/v1/chat/completions", timeout=10,
+    return requests.post(f"{url}/v1/chat/completions", timeout=60,
                          json={"model": "tiny-llama", "messages": [{"role": "user", "content": "hi"}],
                                "max_tokens": 4, "stream": stream})
 
@@ -133,15 +148,18 @@ def changed(proc: subprocess.CompletedProcess) -> int:
 def test_module_reads_and_sets_states_idempotently_through_ansible(fleet):
     balancer, _ = fleet
     servers = balancer.servers()
-    assert {n: (s["admin_state"], s["status"]) for n, s in servers.items()} == {
-        "r1": ("ready", "UP"), "r2": ("ready", "UP")}
+    assert {n: (s["admin_state"], s["status"].split()[0], s["backup"]) for n, s in servers.items()} == {
+        "r1": ("ready", "UP", False), "r2": ("ready", "UP", False),
+        "r1-fallback": ("ready", "UP", True), "r2-fallback": ("ready", "UP", True)}
     assert set_state(balancer, "r1", "drain", "--check") and balancer.servers()["r1"]["admin_state"] == "ready", \
         "--check changes nothing"
+    # a replica's backup entry (loadbalancer_verdict_fallback) follows its server
     assert changed(set_state(balancer, "r1", "drain")) == 1
-    assert balancer.servers()["r1"]["admin_state"] == "drain"
+    assert [balancer.servers()[n]["admin_state"] for n in ("r1", "r1-fallback", "r2-fallback")] == \
+        ["drain", "drain", "ready"]
     assert changed(set_state(balancer, "r1", "drain")) == 0, "idempotent"
     assert changed(set_state(balancer, "r1", "maint")) == 1
-    assert balancer.servers()["r1"]["status"] == "MAINT"
+    assert balancer.servers()["r1"]["status"] == "MAINT" and balancer.servers()["r1-fallback"]["status"] == "MAINT"
     assert changed(set_state(balancer, "r1", "ready")) == 1
     assert balancer.servers()["r1"]["status"] == "UP"
     assert changed(set_state(balancer, "r1", "ready")) == 0
@@ -155,7 +173,7 @@ def test_module_names_an_unknown_server(fleet):
                            "-e", "server=r9", "-e", "state=drain"], cwd=REPO, capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode != 0
-    assert "has no server 'r9' (it has: r1, r2)" in proc.stdout
+    assert "has no server 'r9' (it has: r1, r1-fallback, r2, r2-fallback)" in proc.stdout
 
 
 READY_PROVEN_PLAYBOOK = """
@@ -180,7 +198,7 @@ READY_PROVEN_PLAYBOOK = """
 
 def test_deploy_puts_back_only_the_replicas_its_smoke_test_proved(fleet):
     balancer, _ = fleet
-    for server in ("r1", "r2"):  # both left out, e.g. by an interrupted rolling restart
+    for server in ("r1", "r2", "r1-fallback", "r2-fallback"):  # left out by an interrupted rolling restart
         haproxy_module.command(balancer.socket, f"set server vllm/{server} state maint")
     playbook = balancer.tmp / "ready_proven.yml"
     playbook.write_text(READY_PROVEN_PLAYBOOK)
@@ -195,26 +213,58 @@ def test_deploy_puts_back_only_the_replicas_its_smoke_test_proved(fleet):
     servers = balancer.servers()
     assert (servers["r1"]["admin_state"], servers["r1"]["status"]) == ("ready", "UP"), "waited until UP"
     assert servers["r2"]["status"] == "MAINT", "a replica this run did not test keeps its state"
+    assert servers["r1-fallback"]["admin_state"] == "ready" and servers["r2-fallback"]["status"] == "MAINT"
     assert changed(first) == 1 and changed(converge()) == 0
 
 
-def test_drained_server_gets_no_new_requests_and_state_survives_a_reload(fleet):
+# stub_systemctl: no systemd runs on the controller. It answers `systemctl show haproxy` as systemd
+# would for a running unit and reloads like Debian's haproxy.service (ExecReload: SIGUSR2 to the
+# master), so that the role's real handlers run unchanged.
+STUB_SYSTEMCTL = """#!/bin/sh
+case "$1" in
+  show) printf 'Id=haproxy.service\\nLoadState=loaded\\nActiveState=active\\nSubState=running\\nMainPID=%s\\n' "$(cat {pidfile})" ;;
+  reload) kill -USR2 "$(cat {pidfile})" ;;
+  *) echo "stub_systemctl: $* is not stubbed" >&2; exit 1 ;;
+esac
+"""
+
+
+def test_drained_server_gets_no_new_requests_and_state_survives_the_roles_reload(fleet):
+    """The role's own handlers (save the servers' state, then reload) on a configuration change:
+    the drained replica stays drained in the reloaded HAProxy."""
     balancer, backends = fleet
     haproxy_module.command(balancer.socket, "set server vllm/r1 state drain")
     for _ in range(10):
         response = chat(balancer.url)
         assert response.status_code == 200 and response.headers["x-fake-backend"] == "r2"
-    # A reload keeps the drain: save the state file the way the role's handler does, restart haproxy.
-    (balancer.tmp / "server-state").write_text(haproxy_module.command(balancer.socket, "show servers state"))
-    balancer.stop()
-    os.unlink(balancer.socket)
-    balancer.proc = subprocess.Popen(["haproxy", "-db", "-f", str(balancer.tmp / "haproxy.cfg")],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 10
-    while not os.path.exists(balancer.socket) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    time.sleep(0.5)
-    assert balancer.servers()["r1"]["admin_state"] == "drain"
+    old_worker = balancer.worker_pid()
+    (balancer.tmp / "bin").mkdir(exist_ok=True)
+    systemctl = balancer.tmp / "bin" / "systemctl"
+    systemctl.write_text(STUB_SYSTEMCTL.format(pidfile=balancer.pidfile))
+    systemctl.chmod(0o755)
+    playbook = balancer.tmp / "reconfigure.yml"  # the role's config.yml: its template notifies the handlers
+    playbook.write_text(RENDER_PLAYBOOK)
+    env = dict(os.environ, PATH=f"{balancer.tmp / 'bin'}{os.pathsep}{os.environ['PATH']}")
+    assert not (balancer.tmp / "server-state").exists()
+    proc = subprocess.run(["ansible-playbook", "-i", str(balancer.inventory), str(playbook), "-e",
+                           '{"loadbalancer_service_managed": true, "loadbalancer_timeout_queue": "61s"}'],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-2000:]
+    assert "RUNNING HANDLER [loadbalancer : Save the servers' drain/maint state" in proc.stdout
+    assert "RUNNING HANDLER [loadbalancer : Reload HAProxy" in proc.stdout
+    saved = (balancer.tmp / "server-state").read_text()
+    assert re.search(r"^\d+ vllm \d+ r1 ", saved, re.M), saved  # the handler saved the backend's servers
+    assert "timeout queue 61s" in (balancer.tmp / "haproxy.cfg").read_text()
+    deadline, worker = time.monotonic() + 120, old_worker
+    while worker == old_worker and time.monotonic() < deadline:  # the reload's new worker
+        try:
+            worker = balancer.worker_pid()
+        except (haproxy_module.RuntimeApiError, OSError, StopIteration):
+            pass
+        time.sleep(0.2)
+    assert worker != old_worker, "HAProxy did not reload"
+    assert balancer.servers()["r1"]["admin_state"] == "drain", "the drain did not survive the reload"
+    assert balancer.servers()["r2"]["admin_state"] == "ready"
 
 
 def run_load(url: str, seconds: float, concurrency: int = 4) -> tuple[threading.Thread, dict]:
@@ -228,21 +278,30 @@ def run_load(url: str, seconds: float, concurrency: int = 4) -> tuple[threading.
     return thread, out
 
 
+def wait_served(backend: FakeVLLM, more_than: int, what: str, timeout: float = 120) -> None:
+    """Until the backend has served more than `more_than` requests (load reaches it)."""
+    deadline = time.monotonic() + timeout
+    while backend.served <= more_than:
+        assert time.monotonic() < deadline, f"{what}: {backend.name} served {backend.served} after {timeout:.0f}s"
+        time.sleep(0.1)
+
+
 def test_drain_restart_ready_under_load_has_zero_failed_requests(fleet):
     balancer, backends = fleet
-    thread, result = run_load(balancer.url, seconds=90)
-    time.sleep(1.5)
+    thread, result = run_load(balancer.url, seconds=900)  # stopped below
+    for backend in backends.values():
+        wait_served(backend, 0, "load on both replicas")
     set_state(balancer, "r1", "drain")  # waits for r1's sessions to reach 0
     assert backends["r1"].running == 0
     set_state(balancer, "r1", "maint")
     served_before = backends["r1"].served
     backends["r1"].restart(down_s=1.5)   # the engine goes away and comes back
-    deadline = time.monotonic() + 10
-    while requests.get(backends["r1"].url + "/health", timeout=2).status_code != 200:
+    deadline = time.monotonic() + 60
+    while requests.get(backends["r1"].url + "/health", timeout=30).status_code != 200:
         assert time.monotonic() < deadline
         time.sleep(0.2)
     set_state(balancer, "r1", "ready")   # waits until HAProxy sees it UP
-    time.sleep(2)
+    wait_served(backends["r1"], served_before, "r1 back in rotation")
     result["_gen"].stop_event.set()
     thread.join(60)
     assert not thread.is_alive()
@@ -262,6 +321,7 @@ def test_dead_server_still_believed_up_is_retried_on_the_other_replica(tmp_path)
             response = chat(balancer.url, stream=bool(i % 2))
             assert response.status_code == 200, response.text
             assert response.headers["x-fake-backend"] == "r2"
+        assert balancer.servers()["r1"]["status"] == "UP", "HAProxy noticed the death meanwhile: nothing was retried"
     finally:
         balancer.stop()
         backends["r2"].stop()
@@ -310,9 +370,10 @@ def test_rolling_restart_playbook_under_load_zero_failed_and_a_failed_gate_keeps
     assert "replica r1 (head-r1) checked (check mode)" in check.stdout
     assert backends["r1"].served == 0 and all(s["admin_state"] == "ready" for s in balancer.servers().values()), \
         "--check drains nothing, restarts nothing, sends no canary"
-    thread, result = run_load(balancer.url, seconds=120)
+    thread, result = run_load(balancer.url, seconds=1800)  # stopped below
     try:
-        time.sleep(1)
+        for backend in backends.values():
+            wait_served(backend, 0, "load on both replicas")
         proc = rolling_restart(balancer)
         assert proc.returncode == 0, proc.stdout[-8000:] + proc.stderr[-2000:]
         assert "replica r1 (head-r1) restarted and back in rotation" in proc.stdout
@@ -330,6 +391,7 @@ def test_rolling_restart_playbook_under_load_zero_failed_and_a_failed_gate_keeps
         assert "replica r2 (head-r2) restarted" not in failed.stdout
         servers = balancer.servers()
         assert servers["r1"]["status"] == "MAINT" and servers["r2"]["status"] == "UP"
+        assert servers["r1-fallback"]["status"] == "MAINT", "its backup entry stays out with it"
     finally:
         result["_gen"].stop_event.set()
         thread.join(60)

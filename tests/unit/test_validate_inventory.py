@@ -1,7 +1,8 @@
 """Bad inventories are rejected by deploy.yml before any host is contacted.
 
-Each case runs the real `ansible-playbook deploy.yml` on an INI inventory modelled on
-inventory.example.ini. The hosts point at closed ports on 127.0.0.1, so if validation let a bad
+Each case runs the real `ansible-playbook` on an INI inventory modelled on inventory.example.ini:
+the validate playbook deploy.yml starts with for the cases (tests/unit/validate_runs.py), deploy.yml
+itself for the rest. The hosts point at closed ports on 127.0.0.1, so if validation let a bad
 inventory through, the pre-flight play would run and the test would see it.
 """
 from __future__ import annotations
@@ -11,6 +12,9 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import yaml
+
+from tests.unit.validate_runs import run_all, selected_cases
 
 REPO = Path(__file__).resolve().parents[2]
 PLAYBOOK = str(REPO / "deploy.yml")
@@ -121,6 +125,20 @@ CASES = [
     ("empty-model-path", lambda i: allvars(i, fleet_model_path=""), "gpu-a", "fleet_model_path", "is empty"),
     ("relative-model-source", lambda i: allvars(i, fleet_model_source="./qwen"), "gpu-a", "fleet_model_source",
      "absolute path on the controller"),
+    ("model-source-unknown-scheme", lambda i: allvars(i, fleet_model_source="ftp://mirror/qwen"), "gpu-a",
+     "fleet_model_source", "unknown scheme 'ftp:'"),
+    ("model-source-hf-revision-missing", lambda i: allvars(i, fleet_model_source="hf://Qwen/Qwen2.5-32B"), "gpu-b",
+     "fleet_model_source", "the revision is missing"),
+    ("model-source-hf-branch", lambda i: allvars(i, fleet_model_source="hf://Qwen/Qwen2.5-32B@main"), "gpu-a",
+     "fleet_model_source", "revision 'main' is not a 40-hex commit id"),
+    ("model-source-s3-bucket-missing", lambda i: allvars(i, fleet_model_source="s3:///models/qwen"), "gpu-a",
+     "fleet_model_source", "the bucket is missing"),
+    ("model-source-credentials-in-url", lambda i: allvars(i, fleet_model_source="https://u:pw@mirror/qwen/"),
+     "gpu-a", "fleet_model_source", "credentials do not belong in the URL"),
+    ("model-source-node-relative", lambda i: allvars(i, fleet_model_source="node:models/qwen"), "gpu-b",
+     "fleet_model_source", "node: needs an absolute path"),
+    ("pinned-manifest-not-sha256", lambda i: allvars(i, model_manifest="{'model.safetensors': 'abc'}"), "gpu-a",
+     "model_manifest", "is not a 64-hex sha256"),
     ("empty-model-name", lambda i: allvars(i, fleet_served_model_name=""), "gpu-a", "fleet_served_model_name",
      "is empty"),
     ("port-out-of-range", lambda i: allvars(i, fleet_api_port="70000"), "gpu-b", "fleet_api_port", "between 1 and 65535"),
@@ -210,10 +228,23 @@ def test_at_least_25_distinct_bad_inputs():
     assert len({c[0] for c in CASES}) == len(CASES) >= 25
 
 
+def test_deploy_yml_validates_first_with_the_validate_playbook():
+    """What the cases below show for 00_validate.yml holds for deploy.yml: it is its first import."""
+    first = yaml.safe_load((REPO / "deploy.yml").read_text())[0]
+    assert first["ansible.builtin.import_playbook"] == "ansible/playbooks/00_validate.yml"
+
+
+@pytest.fixture(scope="module")
+def case_runs(request, tmp_path_factory):
+    wanted = selected_cases(request, "case")
+    return run_all({c[0]: render(c[1](base_inventory())) for c in CASES if c[0] in wanted},
+                   tmp_path_factory.mktemp("cases"))
+
+
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
-def test_bad_inventory_is_rejected_before_any_host(tmp_path, case):
-    _, breaker, host, variable, reason = case
-    proc = run_deploy(tmp_path, breaker(base_inventory()))
+def test_bad_inventory_is_rejected_before_any_host(case_runs, case):
+    case_id, _, host, variable, reason = case
+    proc = case_runs[case_id]
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0, out
     assert "nothing was changed on any host" in out, out

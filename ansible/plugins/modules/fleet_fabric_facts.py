@@ -13,7 +13,8 @@ description:
     non-default-route interface).
   - On a worker, picks the interface that carries the route to the head's fabric address
     (C(ip route get)), never by name, and checks the route is directly connected.
-  - Reads ACTIVE InfiniBand/RoCE ports from C(<sysfs_root>/class/infiniband) and derives
+  - Reads every InfiniBand/RoCE port from C(<sysfs_root>/class/infiniband), decides per port
+    whether NCCL may use it (state, SR-IOV, default route, subnet, GID) and derives
     C(NCCL_IB_HCA), C(NCCL_IB_DISABLE) and C(NCCL_IB_GID_INDEX); reconciles them with the head.
   - Read-only; never reports changed. Fails with a message naming the host and variable.
   - The logic lives in C(vllm_fleet.fabric_env) (module_utils C(fleet_fabric_env)), shared with
@@ -52,6 +53,15 @@ options:
     description: Accept a route to the head through a (non-default) gateway.
     type: bool
     default: false
+  dedicated:
+    description: C(fleet_fabric_dedicated); without it a fabric interface that carries the default route fails.
+    type: bool
+    default: false
+  rdma_subnets:
+    description: C(fabric_rdma_subnets), networks besides the fabric subnet whose RDMA ports NCCL may use.
+    type: list
+    elements: str
+    default: []
   sysfs_root:
     description: Root of sysfs (tests point it at a fake tree).
     type: path
@@ -94,11 +104,15 @@ summary:
   description: One line for the run summary.
   returned: success
   type: str
+table:
+  description: The node's decision at a glance, one row per HCA port (used, or why not).
+  returned: success
+  type: str
 """
 
 from ansible.module_utils.basic import AnsibleModule
 from ansible.module_utils.fleet_fabric_env import (
-    FabricError, detect, render_env_file, render_json, render_nccl_conf, summary_line)
+    FabricError, detect, render_env_file, render_json, render_nccl_conf, render_table, summary_line)
 
 
 def main():
@@ -112,6 +126,8 @@ def main():
             nccl_ib=dict(type="str", default="auto", choices=["auto", "on", "off"]),
             ib_hca=dict(type="str", default=""),
             allow_routed=dict(type="bool", default=False),
+            dedicated=dict(type="bool", default=False),
+            rdma_subnets=dict(type="list", elements="str", default=[]),
             sysfs_root=dict(type="path", default="/sys"),
             ip_command=dict(type="str", default="ip"),
         ),
@@ -132,7 +148,8 @@ def main():
         result = detect(
             host=p["host"], role=p["role"], head_address=(head or {}).get("address") or "",
             head_host=p["head_host"], head=head, interface=p["interface"], nccl_ib=p["nccl_ib"],
-            ib_hca=p["ib_hca"], allow_routed=p["allow_routed"], sysfs_root=p["sysfs_root"],
+            ib_hca=p["ib_hca"], allow_routed=p["allow_routed"], dedicated=p["dedicated"],
+            rdma_subnets=p["rdma_subnets"], sysfs_root=p["sysfs_root"],
             ip=ip, runner=runner)
     except FabricError as exc:
         module.fail_json(msg=str(exc))
@@ -140,7 +157,7 @@ def main():
         module.warn("%s: %s" % (p["host"], warning))
     module.exit_json(changed=False, fabric=result, env_file=render_env_file(result),
                      nccl_conf=render_nccl_conf(result), json=render_json(result),
-                     summary=summary_line(result))
+                     summary=summary_line(result), table=render_table(result))
 
 
 if __name__ == "__main__":

@@ -180,6 +180,7 @@ def describe(path: str, backend: str) -> dict[str, dict]:
             "queued": int(stat.get("qcur") or 0),
             "total_sessions": int(stat.get("stot") or 0),
             "weight": int(stat.get("weight") or 0),
+            "backup": stat.get("bck") == "1",
         }
     return out
 

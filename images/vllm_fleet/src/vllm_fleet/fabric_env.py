@@ -18,10 +18,18 @@ Rules (docs/design.md, roles/fabric/README.md):
   (no gateway) unless ``fabric_allow_routed``; a route through the management default
   gateway always fails. ``fleet_fabric_interface`` overrides the choice (a warning is recorded
   when it disagrees with the route).
-* HCAs: ports in state ACTIVE under ``/sys/class/infiniband``. RoCE ports get the GID index of
-  their RoCE v2 IPv4-mapped GID. ``fleet_nccl_ib=off`` disables IB, ``on`` requires it,
-  ``auto`` uses it when present and the head uses it too. ``fleet_nccl_ib_hca`` wins over
-  detection.
+* An interface that carries the default route (management) is never the fabric, chosen or given,
+  unless ``fleet_fabric_dedicated`` says that network carries nothing but the fabric.
+* HCAs: every port under ``/sys/class/infiniband`` gets one row of a decision table (HCA, port,
+  state, link layer, netdev, subnet, GID, used or why not). A port is an NCCL HCA when it is
+  ACTIVE, is not an SR-IOV virtual function next to its physical function, its netdev does not
+  carry the default route (other than a dedicated fabric interface), its netdev is address-less
+  (an InfiniBand rail) or on the fabric subnet (or ``fabric_rdma_subnets``), and, for RoCE, it
+  has a usable GID (RoCE v2 IPv4-mapped first). InfiniBand ports that are cabled (LinkUp) but
+  stuck in INIT/ARMED (no subnet manager) stop the node when no HCA is usable (never a silent
+  fall-back to sockets) and are warned about otherwise. ``fleet_nccl_ib=off`` disables IB,
+  ``on`` requires it, ``auto`` uses it when present and the head uses it too.
+  ``fleet_nccl_ib_hca`` wins over detection.
 """
 
 from __future__ import annotations
@@ -36,8 +44,8 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 __all__ = [
     "FabricError", "parse_route_get", "parse_addr_show", "parse_default_routes",
     "read_infiniband", "select_gid_index", "compute_head", "compute_worker", "compute_ib",
-    "render_env_file", "render_nccl_conf", "render_json", "summary_line", "collect",
-    "subprocess_runner", "detect", "load_env_file", "ENV_KEYS",
+    "render_env_file", "render_nccl_conf", "render_json", "summary_line", "render_table", "collect",
+    "subprocess_runner", "detect", "load_env_file", "ENV_KEYS", "ENV_OWNERS",
 ]
 
 #: Keys written to /etc/vllm-fleet/fabric.env, in this order when present.
@@ -45,6 +53,16 @@ ENV_KEYS = (
     "NCCL_SOCKET_IFNAME", "GLOO_SOCKET_IFNAME", "VLLM_HOST_IP", "FLEET_RAY_NODE_IP",
     "NCCL_IB_DISABLE", "NCCL_IB_HCA", "NCCL_IB_GID_INDEX", "NCCL_IB_ROCE_VERSION_NUM",
 )
+
+#: The inventory setting that decides each of ENV_KEYS: a hand-set value of one of these in a
+#: container's environment would override this module's decision (the validate stage refuses it).
+ENV_OWNERS = {
+    "NCCL_SOCKET_IFNAME": "fleet_fabric_interface", "GLOO_SOCKET_IFNAME": "fleet_fabric_interface",
+    "VLLM_HOST_IP": "fleet_fabric_interface", "FLEET_RAY_NODE_IP": "fleet_fabric_interface",
+    "NCCL_IB_DISABLE": "fleet_nccl_ib", "NCCL_IB_HCA": "fleet_nccl_ib_hca",
+    "NCCL_IB_GID_INDEX": "the fabric role (it reads the RoCE GIDs; fleet_nccl_ib_hca picks the HCAs)",
+    "NCCL_IB_ROCE_VERSION_NUM": "the fabric role (it reads the RoCE GIDs; fleet_nccl_ib_hca picks the HCAs)",
+}
 
 #: Interface name prefixes that are never a fabric (container bridges, tunnels, overlays).
 VIRTUAL_PREFIXES = (
@@ -168,9 +186,32 @@ def read_infiniband(sysfs_root: str = "/sys") -> List[Dict[str, Any]]:
                 "phys_state": (_read(os.path.join(pdir, "phys_state")) or "").split(":", 1)[-1].strip(),
                 "link_layer": _read(os.path.join(pdir, "link_layer")) or "InfiniBand",
                 "gids": gids,
+                "netdev": _port_netdev(os.path.join(base, name), number, gids),
             })
-        hcas.append({"name": name, "ports": ports})
+        device = os.path.join(base, name, "device")
+        physfn = os.path.join(device, "physfn")
+        hcas.append({"name": name, "ports": ports,
+                     "pci": os.path.basename(os.path.realpath(device)) if os.path.exists(device) else None,
+                     "physfn": os.path.basename(os.path.realpath(physfn)) if os.path.exists(physfn) else None})
     return hcas
+
+
+def _port_netdev(hca_dir: str, port: int, gids: List[Dict[str, Any]]) -> Optional[str]:
+    """The network interface of an HCA port: RoCE GIDs name it; otherwise the netdev of the
+    HCA's PCI function whose dev_port is port-1 (IPoIB ib0, or the only one)."""
+    for gid in gids:
+        if gid.get("ndev"):
+            return gid["ndev"]
+    net = os.path.join(hca_dir, "device", "net")
+    try:
+        names = sorted(os.listdir(net))
+    except OSError:
+        return None
+    for name in names:
+        dev_port = _read(os.path.join(net, name, "dev_port"))
+        if dev_port is not None and dev_port.isdigit() and int(dev_port) == port - 1:
+            return name
+    return names[0] if len(names) == 1 else None
 
 
 def _gid_ipv4(gid: str) -> Optional[str]:
@@ -223,20 +264,58 @@ def _first_ipv4(addresses: Dict[str, List[str]], ifname: str,
     return cidrs[0].split("/", 1)[0] if cidrs else None
 
 
+def _default_route_text(default_routes: List[Dict[str, Optional[str]]], dev: str) -> str:
+    routes = [r for r in default_routes if r.get("dev") == dev]
+    return "; ".join("default via %s dev %s" % (r.get("gateway") or "-", dev) if r.get("gateway")
+                     else "default dev %s" % dev for r in routes)
+
+
+def _refuse_default_route(host: str, interface: str, how: str,
+                          default_routes: List[Dict[str, Optional[str]]], dedicated: bool) -> Optional[str]:
+    """FabricError when the fabric interface carries the default route and the inventory does not
+    say that network is the fabric's alone; the warning text when it does."""
+    route = _default_route_text(default_routes, interface)
+    if not route:
+        return None
+    if not dedicated:
+        raise FabricError(
+            "host %s: fabric interface %s (%s) carries the default route (%s): Ray, NCCL and Gloo "
+            "would listen on the management network; name the fabric NIC in fleet_fabric_interface, "
+            "or set fleet_fabric_dedicated=true if that network carries nothing but the fabric"
+            % (host, interface, how, route))
+    return ("fabric interface %s carries the default route (%s); accepted because "
+            "fleet_fabric_dedicated=true" % (interface, route))
+
+
+def _network(addresses: Dict[str, List[str]], interface: str, address: Optional[str]) -> Optional[str]:
+    for cidr in addresses.get(interface) or []:
+        try:
+            iface = ipaddress.IPv4Interface(cidr)
+        except ValueError:
+            continue
+        if address is None or str(iface.ip) == address:
+            return str(iface.network)
+    return None
+
+
 def compute_head(*, host: str, addresses: Dict[str, List[str]],
                  default_routes: List[Dict[str, Optional[str]]],
-                 interface: str = "") -> Dict[str, Any]:
+                 interface: str = "", dedicated: bool = False) -> Dict[str, Any]:
     """The head's fabric interface and address (see module docstring)."""
     reasons = []
+    warnings: List[str] = []
+    default_devs = {r["dev"] for r in default_routes if r.get("dev")}
     if interface:
         if interface not in addresses:
             raise FabricError(
                 "host %s: fleet_fabric_interface=%r has no global IPv4 address on this host "
                 "(interfaces with one: %s)" % (host, interface, ", ".join(sorted(addresses)) or "none"))
         reasons.append("interface %s from fleet_fabric_interface" % interface)
+        how = "fleet_fabric_interface"
     else:
-        default_devs = {r["dev"] for r in default_routes if r.get("dev")}
         candidates = sorted(n for n in addresses if not _is_virtual(n) and n not in default_devs)
+        if not candidates and dedicated:
+            candidates = sorted(n for n in addresses if not _is_virtual(n))
         if len(candidates) != 1:
             raise FabricError(
                 "host %s (head): cannot tell the fabric interface: %s non-default-route interfaces "
@@ -244,17 +323,25 @@ def compute_head(*, host: str, addresses: Dict[str, List[str]],
                 "this host" % (host, len(candidates), ", ".join(candidates) or "none",
                                ", ".join(sorted(default_devs)) or "none"))
         interface = candidates[0]
-        reasons.append("interface %s: the head's only non-default-route interface" % interface)
+        reasons.append("interface %s: the head's only non-default-route interface" % interface
+                       if interface not in default_devs else
+                       "interface %s: the head's only interface (fleet_fabric_dedicated)" % interface)
+        how = "detected"
+    warning = _refuse_default_route(host, interface, how, default_routes, dedicated)
+    if warning:
+        warnings.append(warning)
     address = _first_ipv4(addresses, interface)
     return {"role": "head", "host": host, "interface": interface, "address": address,
-            "head_address": address, "route": None, "reasons": reasons, "warnings": []}
+            "network": _network(addresses, interface, address),
+            "head_address": address, "route": None, "reasons": reasons, "warnings": warnings}
 
 
 def compute_worker(*, host: str, head_host: str, head_address: str,
                    route: Optional[Dict[str, Optional[str]]], route_error: str = "",
                    addresses: Dict[str, List[str]],
                    default_routes: List[Dict[str, Optional[str]]],
-                   interface: str = "", allow_routed: bool = False) -> Dict[str, Any]:
+                   interface: str = "", allow_routed: bool = False,
+                   dedicated: bool = False) -> Dict[str, Any]:
     """A worker's fabric interface: the one routing to the head's fabric address."""
     reasons: List[str] = []
     warnings: List[str] = []
@@ -297,50 +384,133 @@ def compute_worker(*, host: str, head_host: str, head_address: str,
                             "%s (%s)" % (interface, routed_dev, head_host, head_address))
         reasons.append("interface %s from fleet_fabric_interface" % interface)
         address = _first_ipv4(addresses, interface, near=head_address)
+        how = "fleet_fabric_interface"
     else:
         interface = routed_dev
         address = route.get("src") or _first_ipv4(addresses, interface, near=head_address)
         reasons.append("interface %s carries the route to head %s (%s)%s"
                        % (interface, head_host, head_address,
                           " via %s" % gateway if gateway else ", directly connected"))
+        how = "routes to head %s" % head_host
     if not address:
         raise FabricError("host %s: fabric interface %s has no IPv4 address" % (host, interface))
+    warning = _refuse_default_route(host, interface, how, default_routes, dedicated)
+    if warning:
+        warnings.append(warning)
     return {"role": "worker", "host": host, "interface": interface, "address": address,
+            "network": _network(addresses, interface, address),
             "head_address": head_address, "head_host": head_host,
             "route": {k: route.get(k) for k in ("dev", "src", "gateway")},
             "reasons": reasons, "warnings": warnings}
 
 
+def _port_rows(*, hcas: List[Dict[str, Any]], addresses: Dict[str, List[str]], default_devs: set,
+               fabric_interface: str, fabric_network: Optional[str],
+               rdma_subnets: List[str]) -> List[Dict[str, Any]]:
+    """One row per HCA port: what it is and whether NCCL may use it (why not, when not)."""
+    pf_of = {h["pci"]: h["name"] for h in hcas if h.get("pci")}
+    networks = [ipaddress.ip_network(n, strict=False) for n in ([fabric_network] if fabric_network else [])
+                + list(rdma_subnets)]
+    rows = []
+    for h in hcas:
+        for p in h["ports"]:
+            netdev = p.get("netdev")
+            cidrs = [c for c in (addresses.get(netdev) or [])] if netdev else []
+            subnets = []
+            for cidr in cidrs:
+                try:
+                    subnets.append(ipaddress.IPv4Interface(cidr).network)
+                except ValueError:
+                    continue
+            row = {"hca": h["name"], "port": p["port"], "state": p["state"], "link_layer": p["link_layer"],
+                   "netdev": netdev, "subnet": ",".join(str(n) for n in subnets) or None, "gid": None,
+                   "used": False, "why": "", "stuck": False, "no_gid": False}
+            pf = pf_of.get(h.get("physfn"))
+            roce = p["link_layer"].lower() == "ethernet"
+            index, gid_why = select_gid_index(p) if roce else (None, "")
+            row["gid"] = index  # shown for every RoCE port; used only where the port is
+            if pf:
+                row["why"] = "SR-IOV virtual function of %s (the physical function is used)" % pf
+            elif p["state"] != "ACTIVE":
+                if (not roce and p.get("phys_state", "").lower() == "linkup"
+                        and p["state"] in ("INIT", "ARMED")):
+                    row["stuck"] = True
+                    row["why"] = "%s with the link up: no subnet manager has activated it" % p["state"]
+                else:
+                    row["why"] = "%s (%s)" % (p["state"], p.get("phys_state") or "no link")
+            elif netdev and netdev in default_devs and netdev != fabric_interface:
+                row["why"] = "netdev %s carries the default route (management)" % netdev
+            elif subnets and networks and not any(n.overlaps(f) for n in subnets for f in networks):
+                row["why"] = ("netdev %s is not on the fabric subnet %s%s" % (
+                    netdev, fabric_network or "?", " or fabric_rdma_subnets" if rdma_subnets else
+                    " (a compute rail on its own subnet? list it in fabric_rdma_subnets)"))
+            elif roce:
+                row.update(no_gid=index is None, used=index is not None, why=gid_why)
+            else:
+                row.update(used=True, why="ACTIVE InfiniBand")
+            rows.append(row)
+    return rows
+
+
+def _port_name(row: Dict[str, Any]) -> str:
+    return "%s:%s" % (row["hca"], row["port"])
+
+
 def compute_ib(*, host: str, hcas: List[Dict[str, Any]], nccl_ib: str = "auto",
                ib_hca: str = "", head: Optional[Dict[str, Any]] = None,
-               head_host: str = "") -> Dict[str, Any]:
-    """NCCL_IB_* for this node. ``head`` is the head's result (None on the head itself)."""
+               head_host: str = "", addresses: Optional[Dict[str, List[str]]] = None,
+               default_routes: Optional[List[Dict[str, Optional[str]]]] = None,
+               fabric_interface: str = "", fabric_network: Optional[str] = None,
+               rdma_subnets: Optional[List[str]] = None) -> Dict[str, Any]:
+    """NCCL_IB_* for this node and the per-port decision table. ``head`` is the head's result
+    (None on the head itself)."""
     if nccl_ib not in ("auto", "on", "off"):
         raise FabricError("host %s: fleet_nccl_ib=%r: use auto, on or off" % (host, nccl_ib))
     env: Dict[str, str] = {}
     reasons: List[str] = []
     warnings: List[str] = []
-    active = [(h, p) for h in hcas for p in h["ports"] if p["state"] == "ACTIVE"]
-    inactive = ["%s port %s %s" % (h["name"], p["port"], p["state"]) for h in hcas
-                for p in h["ports"] if p["state"] != "ACTIVE"]
+    rows = _port_rows(hcas=hcas, addresses=addresses or {},
+                      default_devs={r["dev"] for r in default_routes or [] if r.get("dev")},
+                      fabric_interface=fabric_interface, fabric_network=fabric_network,
+                      rdma_subnets=list(rdma_subnets or []))
+    inactive = ["%s port %s %s" % (r["hca"], r["port"], r["state"]) for r in rows if r["state"] != "ACTIVE"]
+    usable = [r for r in rows if r["used"]]
+    stuck = [r for r in rows if r["stuck"]]
+    no_gid = [r for r in rows if r["no_gid"]]
     head_ib = None
     if head is not None:
         head_ib = (head.get("env") or {}).get("NCCL_IB_DISABLE") == "0"
 
+    def not_used_by(reason: str) -> None:
+        for r in rows:
+            if r["used"]:
+                r.update(used=False, why=reason)
+
     use_ib = False
     if nccl_ib == "off":
         reasons.append("IB disabled by fleet_nccl_ib=off")
+        not_used_by("fleet_nccl_ib=off")
     elif ib_hca:
         use_ib = True
         reasons.append("HCAs from fleet_nccl_ib_hca=%s" % ib_hca)
-    elif active:
+    elif usable:
         use_ib = True
+        for r in stuck + no_gid:
+            warnings.append("%s left out: %s" % (_port_name(r), r["why"]))
+    elif stuck:
+        raise FabricError(
+            "host %s: InfiniBand port(s) %s are cabled (link up) but not ACTIVE: no subnet manager has "
+            "activated them (is opensm, or the switch's, running?); NCCL would fall back to sockets "
+            "silently. Fix the fabric, or set fleet_nccl_ib=off to use sockets on purpose"
+            % (host, ", ".join("%s %s" % (_port_name(r), r["state"]) for r in stuck)))
+    elif no_gid:
+        raise FabricError("host %s: RoCE port %s has %s" % (host, _port_name(no_gid[0]), no_gid[0]["why"]))
     elif nccl_ib == "on":
         raise FabricError("host %s: fleet_nccl_ib=on but no ACTIVE InfiniBand/RoCE port in "
                           "/sys/class/infiniband (%s)" % (host, ", ".join(inactive) or "no HCA"))
     else:
-        reasons.append("no ACTIVE HCA port (%s): NCCL uses sockets"
-                       % (", ".join(inactive) or "no /sys/class/infiniband devices"))
+        reasons.append("no usable HCA port (%s): NCCL uses sockets" % (
+            ", ".join("%s %s" % (_port_name(r), r["why"]) for r in rows) or "no /sys/class/infiniband devices"))
 
     if head is not None:
         if head_ib and not use_ib:
@@ -348,9 +518,10 @@ def compute_ib(*, host: str, hcas: List[Dict[str, Any]], nccl_ib: str = "auto",
                 raise FabricError("host %s: fleet_nccl_ib=off but its head %s uses InfiniBand/RoCE; "
                                   "set fleet_nccl_ib=off for the whole replica or enable IB here"
                                   % (host, head_host))
-            raise FabricError("host %s: its head %s uses InfiniBand/RoCE but this host has no ACTIVE "
+            raise FabricError("host %s: its head %s uses InfiniBand/RoCE but this host has no usable "
                               "HCA port (%s); fix the HCA or set fleet_nccl_ib=off for the whole "
-                              "replica" % (host, head_host, ", ".join(inactive) or "no HCA"))
+                              "replica" % (host, head_host, "; ".join(
+                                  "%s %s" % (_port_name(r), r["why"]) for r in rows) or "no HCA"))
         if use_ib and head_ib is False:
             if nccl_ib == "on" or ib_hca:
                 raise FabricError("host %s: fleet_nccl_ib=%s%s requires InfiniBand/RoCE but its "
@@ -358,11 +529,14 @@ def compute_ib(*, host: str, hcas: List[Dict[str, Any]], nccl_ib: str = "auto",
                                   % (host, nccl_ib, " with fleet_nccl_ib_hca" if ib_hca else "",
                                      head_host))
             use_ib = False
+            warnings[:] = []
             reasons.append("ACTIVE HCAs ignored: head %s does not use InfiniBand/RoCE" % head_host)
+            not_used_by("head %s does not use InfiniBand/RoCE" % head_host)
 
     if not use_ib:
         env["NCCL_IB_DISABLE"] = "1"
-        return {"env": env, "reasons": reasons, "warnings": warnings, "hcas": hcas, "ib_ports": []}
+        return {"env": env, "reasons": reasons, "warnings": warnings, "hcas": hcas, "ib_ports": [],
+                "table": rows}
 
     env["NCCL_IB_DISABLE"] = "0"
     if ib_hca:
@@ -372,26 +546,33 @@ def compute_ib(*, host: str, hcas: List[Dict[str, Any]], nccl_ib: str = "auto",
         if not ib_hca.startswith("^") and wanted - known:
             warnings.append("fleet_nccl_ib_hca names HCAs not found on this host: %s"
                             % ", ".join(sorted(wanted - known)))
-        ports = [(h, p) for h, p in active if h["name"] in wanted] if not ib_hca.startswith("^") else active
+        excluded = ib_hca.startswith("^")
+        for r in rows:
+            named = (r["hca"] in wanted) != excluded
+            chosen = named and r["state"] == "ACTIVE"
+            why = r["why"]
+            if chosen and r["link_layer"].lower() == "ethernet" and r["gid"] is None:
+                index, why = select_gid_index(next(p for h in hcas if h["name"] == r["hca"]
+                                                   for p in h["ports"] if p["port"] == r["port"]))
+                if index is None:
+                    raise FabricError("host %s: RoCE port %s has %s" % (host, _port_name(r), why))
+                r["gid"] = index
+            r.update(used=chosen, why=("named in fleet_nccl_ib_hca" + (" (" + why + ")" if why and chosen else ""))
+                     if chosen else ("not named in fleet_nccl_ib_hca" if not named else r["why"]))
+        ports = [r for r in rows if r["used"]]
     else:
-        ports = active
-        env["NCCL_IB_HCA"] = "=" + ",".join("%s:%s" % (h["name"], p["port"]) for h, p in ports)
-        reasons.append("ACTIVE HCA ports: %s" % ", ".join(
-            "%s:%s (%s)" % (h["name"], p["port"], p["link_layer"]) for h, p in ports))
-    if inactive:
-        reasons.append("not used: %s" % ", ".join(inactive))
+        ports = usable
+        env["NCCL_IB_HCA"] = "=" + ",".join(_port_name(r) for r in ports)
+        reasons.append("HCA ports used: %s" % ", ".join(
+            "%s (%s)" % (_port_name(r), r["link_layer"]) for r in ports))
 
-    layers = sorted({p["link_layer"] for _, p in ports})
+    layers = sorted({r["link_layer"] for r in ports})
     if len(layers) > 1:
         warnings.append("HCA ports mix link layers %s" % ", ".join(layers))
-    roce = [(h, p) for h, p in ports if p["link_layer"].lower() == "ethernet"]
-    indices = {}
-    for h, p in roce:
-        index, why = select_gid_index(p)
-        if index is None:
-            raise FabricError("host %s: RoCE port %s:%s has %s" % (host, h["name"], p["port"], why))
-        indices["%s:%s" % (h["name"], p["port"])] = index
-        reasons.append("%s:%s %s" % (h["name"], p["port"], why))
+    indices = {_port_name(r): r["gid"] for r in ports if r["link_layer"].lower() == "ethernet"}
+    for r in ports:
+        if r["gid"] is not None:
+            reasons.append("%s %s" % (_port_name(r), r["why"]))
     if indices:
         values = sorted(set(indices.values()))
         if len(values) == 1:
@@ -407,8 +588,7 @@ def compute_ib(*, host: str, hcas: List[Dict[str, Any]], nccl_ib: str = "auto",
             warnings.append("link layers differ from head %s (%s here, %s there)"
                             % (head_host, ", ".join(layers), ", ".join(head_layers)))
     return {"env": env, "reasons": reasons, "warnings": warnings, "hcas": hcas,
-            "ib_ports": ["%s:%s" % (h["name"], p["port"]) for h, p in ports],
-            "link_layers": layers}
+            "ib_ports": [_port_name(r) for r in ports], "link_layers": layers, "table": rows}
 
 
 def build_result(node: Dict[str, Any], ib: Dict[str, Any]) -> Dict[str, Any]:
@@ -427,12 +607,14 @@ def build_result(node: Dict[str, Any], ib: Dict[str, Any]) -> Dict[str, Any]:
         "role": node["role"],
         "interface": iface,
         "address": node["address"],
+        "network": node.get("network"),
         "head_address": node["head_address"],
         "head_host": node.get("head_host", node["host"]),
         "route": node.get("route"),
         "env": ordered,
         "ib": {"ports": ib["ib_ports"], "link_layers": ib.get("link_layers", []),
-               "hcas": ib["hcas"]},
+               "hcas": ib["hcas"], "table": [{k: v for k, v in r.items() if k not in ("stuck", "no_gid")}
+                                             for r in ib["table"]]},
         "reasons": node["reasons"] + ib["reasons"],
         "warnings": node["warnings"] + ib["warnings"],
     }
@@ -471,6 +653,31 @@ def summary_line(result: Dict[str, Any]) -> str:
     return text
 
 
+def render_table(result: Dict[str, Any]) -> str:
+    """The node's fabric decision at a glance: its socket interface, then one row per HCA port
+    (HCA, port, state, link layer, netdev, subnet, GID, used or why not)."""
+    env = result["env"]
+    head = "%s (%s): sockets on %s %s (%s)" % (result["host"], result["role"], result["interface"],
+                                               result["address"], result.get("network") or "?")
+    if env.get("NCCL_IB_DISABLE") == "1":
+        head += "; NCCL over sockets (NCCL_IB_DISABLE=1)"
+    else:
+        head += "; NCCL_IB_HCA=%s%s" % (env.get("NCCL_IB_HCA", ""),
+                                       " NCCL_IB_GID_INDEX=%s" % env["NCCL_IB_GID_INDEX"]
+                                       if "NCCL_IB_GID_INDEX" in env else "")
+    rows = (result.get("ib") or {}).get("table") or []
+    if not rows:
+        return head + "\n  no RDMA device under /sys/class/infiniband\n"
+    header = ("HCA", "PORT", "STATE", "LINK", "NETDEV", "SUBNET", "GID", "USED")
+    cells = [header] + [(r["hca"], str(r["port"]), r["state"], r["link_layer"], r["netdev"] or "-",
+                         r["subnet"] or "-", "-" if r["gid"] is None else str(r["gid"]),
+                         ("yes: " if r["used"] else "no: ") + r["why"]) for r in rows]
+    widths = [max(len(c[i]) for c in cells) for i in range(len(header) - 1)]
+    lines = [head] + ["  " + "  ".join(c[i].ljust(widths[i]) for i in range(len(widths))) + "  " + c[-1]
+                      for c in cells]
+    return "\n".join(line.rstrip() for line in lines) + "\n"
+
+
 # --- collecting on the host --------------------------------------------------------------------
 
 def subprocess_runner(argv: List[str]) -> Tuple[int, str, str]:
@@ -505,7 +712,8 @@ def collect(runner: Runner, *, ip: str = "ip", head_address: str = "",
 
 def detect(*, host: str, role: str, head_address: str = "", head_host: str = "",
            head: Optional[Dict[str, Any]] = None, interface: str = "", nccl_ib: str = "auto",
-           ib_hca: str = "", allow_routed: bool = False, sysfs_root: str = "/sys",
+           ib_hca: str = "", allow_routed: bool = False, dedicated: bool = False,
+           rdma_subnets: Optional[List[str]] = None, sysfs_root: str = "/sys",
            ip: str = "ip", runner: Runner = subprocess_runner) -> Dict[str, Any]:
     """Collect and decide: the fabric result of this host (raises FabricError)."""
     if role not in ("head", "worker"):
@@ -518,15 +726,18 @@ def detect(*, host: str, role: str, head_address: str = "", head_host: str = "",
                           % (host, head_host, head_address))
     if role == "head":
         node = compute_head(host=host, addresses=facts["addresses"],
-                            default_routes=facts["default_routes"], interface=interface)
-        ib = compute_ib(host=host, hcas=facts["hcas"], nccl_ib=nccl_ib, ib_hca=ib_hca)
+                            default_routes=facts["default_routes"], interface=interface,
+                            dedicated=dedicated)
     else:
         node = compute_worker(host=host, head_host=head_host, head_address=head_address,
                               route=facts["route"], route_error=facts["route_error"],
                               addresses=facts["addresses"], default_routes=facts["default_routes"],
-                              interface=interface, allow_routed=allow_routed)
-        ib = compute_ib(host=host, hcas=facts["hcas"], nccl_ib=nccl_ib, ib_hca=ib_hca,
-                        head=head, head_host=head_host)
+                              interface=interface, allow_routed=allow_routed, dedicated=dedicated)
+    ib = compute_ib(host=host, hcas=facts["hcas"], nccl_ib=nccl_ib, ib_hca=ib_hca,
+                    head=head if role == "worker" else None, head_host=head_host,
+                    addresses=facts["addresses"], default_routes=facts["default_routes"],
+                    fabric_interface=node["interface"], fabric_network=node.get("network"),
+                    rdma_subnets=rdma_subnets)
     return build_result(node, ib)
 
 

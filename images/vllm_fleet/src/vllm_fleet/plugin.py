@@ -11,7 +11,8 @@ Hook points (patched when their module is imported, or at once if it already is)
     after the world group exists;
   * ``GroupCoordinator._all_reduce_out_place`` -- every all-reduce, both the direct path and the
     ``torch.ops.vllm.all_reduce`` custom-op path go through it: watchdog + eager sampling;
-  * ``GroupCoordinator.all_gather / reduce_scatter / broadcast / barrier`` -- watchdog only;
+  * ``GroupCoordinator.all_gather / reduce_scatter / broadcast / barrier`` and the synchronous
+    PP transfers ``send_tensor_dict / recv_tensor_dict / send / recv`` -- watchdog only;
   * model runner ``__init__`` (``vllm.v1.worker.gpu_model_runner.GPUModelRunner``, which the CPU
     runner subclasses, and the V2 runner ``vllm.v1.worker.gpu.model_runner.GPUModelRunner``) --
     wraps the instance's ``execute_model`` (called once per step on every rank, also by the Ray
@@ -19,6 +20,9 @@ Hook points (patched when their module is imported, or at once if it already is)
   * the PP group's ``isend_tensor_dict`` / ``irecv_tensor_dict`` (instance attributes, CUDA
     workers) -- sampled per-work NCCL timing of the real pipeline transfers (RayExecutorV2 and mp
     executor), and its device communicator's ``send`` (Ray's compiled-graph executor; probe.py);
+  * ``vllm.v1.engine.core.EngineCore.__init__`` -- marks the engine core process a long-lived
+    member of the launch (``members/<pid>`` role ``engine``; workers get ``worker`` after their
+    group init, fleet-serve's exec'd process ``main``): the exporter's verdict judges those;
   * ``vllm.ray.ray_env.RAY_NON_CARRY_OVER_ENV_VARS`` (driver) -- the per-node fabric variables
     stay with each Ray node instead of being copied from the driver to every Ray worker, and the
     API key (``VLLM_API_KEY``) is never copied: Ray workers do not serve the API;
@@ -187,7 +191,10 @@ def _patch_parallel_state(ps) -> None:
                  "watchdog (GroupCoordinator._all_reduce_out_place not found)",
                  level=logging.WARNING)
 
-    for op in ("all_gather", "reduce_scatter", "gather", "broadcast", "barrier"):
+    # The synchronous point-to-point transfers between pipeline stages (the CPU engine's PP path):
+    # a stage waiting for a peer that never sends (a cut link, a frozen stage) is stuck too.
+    for op in ("all_gather", "reduce_scatter", "gather", "broadcast", "barrier",
+               "send_tensor_dict", "recv_tensor_dict", "send", "recv"):
         if hasattr(gc, op):
             setattr(gc, op, _watched(getattr(gc, op), op))
             ACTIVE[f"watch_{op}"] = f"GroupCoordinator.{op}"
@@ -273,6 +280,7 @@ def _after_group_init(coordinator) -> None:
         rec.rank = wd.rank
         wd.flushers.append(rec.flush)
         wd.start()
+        _register_member("worker")
         _patch_model_runners()
         _worker_ready = True
         logger.info("vllm-fleet: hooks active in worker rank %s (pid %d): %s; watchdog threshold "
@@ -592,10 +600,18 @@ def _cleanup_once() -> None:
 
 
 @_guard("member registry")
-def _register_member() -> None:
+def _register_member(role: str | None = None) -> None:
     from . import state
 
-    state.register_member()
+    state.register_member(role=role)
+
+
+@_guard("engine member")
+def _patch_engine_core(core) -> None:
+    """The engine core process is a long-lived member of the launch (the verdict judges it)."""
+    cls = getattr(core, "EngineCore", None)
+    if cls is not None and _wrap_init_once(cls, lambda _self: _register_member("engine")):
+        ACTIVE["engine_member"] = "EngineCore.__init__"
 
 
 def register() -> None:
@@ -616,6 +632,7 @@ def register() -> None:
             _record_shm_segments()
             when_imported("vllm.distributed.parallel_state", _patch_parallel_state)
             when_imported("vllm.ray.ray_env", _keep_secrets_off_ray_workers)
+            when_imported("vllm.v1.engine.core", _patch_engine_core)
             when_imported("vllm.ray.ray_env", _keep_node_env_local)
             when_imported("vllm.distributed.device_communicators.shm_broadcast", _limit_shm_spin)
             logger.debug("vllm-fleet plugin registered in pid %d", os.getpid())

@@ -166,25 +166,42 @@ def proc_start_ticks(pid: int) -> int | None:
     return start_ticks(pid)
 
 
-def register_member(env: dict | None = None) -> str | None:
+MEMBER_ROLES = ("main", "engine", "worker")
+
+
+def register_member(env: dict | None = None, role: str | None = None) -> str | None:
     """Record this process as a member of its launch: ``launches/<id>/members/<pid>``.
 
     Why: vLLM renames its processes (setproctitle), which overwrites the memory that
     /proc/<pid>/environ shows, so the env markers of EngineCore and workers are unreadable
     after start. Every vLLM process loads the plugin, so each one registers itself here; the
     start time guards against pid reuse.
+
+    ``role`` (main, engine, worker) marks a process that lives as long as the launch serves: the
+    exporter's verdict judges only those (vLLM also starts short-lived helpers, e.g. a model
+    inspection subprocess, that load the plugin and exit). A role once written is kept.
     """
     lid = launch_id(env)
     if not lid:
         return None
     d = os.path.join(launch_dir(lid, env), "members")
     os.makedirs(d, exist_ok=True)
-    path = os.path.join(d, str(os.getpid()))
     from .ownership import ns_id
 
+    pid = os.getpid()
+    path = os.path.join(d, str(pid))
+    ticks = proc_start_ticks(pid)
     # pid_ns: a pid means something only in its own pid namespace (cleanup judges no other)
-    write_json_atomic(path, {"pid": os.getpid(), "start_ticks": proc_start_ticks(os.getpid()),
-                             "pid_ns": ns_id("pid"), "launch_id": lid, "deployment": deployment(env)})
+    doc = {"pid": pid, "start_ticks": ticks, "pid_ns": ns_id("pid"), "launch_id": lid,
+           "deployment": deployment(env)}
+    old = read_json(path)
+    if isinstance(old, dict) and old.get("start_ticks") == ticks and old.get("role") in MEMBER_ROLES:
+        doc["role"] = old["role"]
+    if role is not None:
+        if role not in MEMBER_ROLES:
+            raise ValueError(f"member role {role!r} is not one of {MEMBER_ROLES}")
+        doc["role"] = role
+    write_json_atomic(path, doc)
     return path
 
 

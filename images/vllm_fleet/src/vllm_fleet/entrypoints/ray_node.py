@@ -82,7 +82,10 @@ def build_command(args, env):
     if ports["min_worker_port"] > ports["max_worker_port"]:
         raise ValueError("min worker port is above max worker port")
 
-    argv = ["ray", "start", "--block", f"--node-ip-address={node_ip}", "--disable-usage-stats"]
+    # `ray start`, through ray_start.py: Ray's fixed 30 s node-registration wait becomes
+    # FLEET_RAY_REGISTER_TIMEOUT (a busy host misses 30 s and the head restarts in a loop).
+    argv = [sys.executable, "-m", "vllm_fleet.entrypoints.ray_start", "start", "--block",
+            f"--node-ip-address={node_ip}", "--disable-usage-stats"]
     if args.head:
         argv += ["--head", f"--port={ports['port']}"]
         if args.no_dashboard:

@@ -334,6 +334,12 @@ def main(argv=None, environ=None):
     if args.dry_run:
         return launch(cmd, printable, True, {"info": info})
     print("fleet-serve: " + " ".join(shlex.quote(x) for x in cmd), file=sys.stderr)
+    # The exec'd vLLM process keeps this pid: it is the launch's main member (state.py).
+    from .. import state
+    try:
+        state.register_member(out_env, role="main")
+    except OSError as exc:  # serving goes on; the verdict then judges the engine and workers only
+        print(f"fleet-serve: cannot register the launch's main process: {exc}", file=sys.stderr)
     return launch(cmd, out_env)
 
 

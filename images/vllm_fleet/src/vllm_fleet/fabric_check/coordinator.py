@@ -119,11 +119,14 @@ class Coordinator:
                 "pid": os.getpid()}
 
     def side_store(self):
-        """A second client connection for other threads (a TCPStore client is not thread-safe)."""
+        """A second client connection for other threads (a TCPStore client is not thread-safe).
+        Its connect and calls may take as long as a step (``--timeout``), like the main one's: a
+        fixed 3 s gave up on a busy host, and a rank whose heartbeat thread had given up was
+        then named as not responding."""
         from torch.distributed import TCPStore
 
         return TCPStore(self.master_addr, self.master_port, self.world_size, False,
-                        timeout=datetime.timedelta(seconds=3), wait_for_workers=False)
+                        timeout=datetime.timedelta(seconds=self.timeout_s), wait_for_workers=False)
 
     def describe(self, rank: int, store=None) -> str:
         store = self.store if store is None else store

@@ -24,6 +24,7 @@ EXIT_OK, EXIT_FAIL, EXIT_TIMEOUT = 0, 1, 124
 BEAT_S = 0.5  # heartbeat period; a rank silent for 4 periods is named as not responding
 SILENT_S = 4 * BEAT_S
 HARD_EXTRA_S = 5.0  # the hard timer fires this long after the step timeout (the pg timeout first)
+ASK_S = 15.0  # on a timeout, how long asking the coordinator who is behind may take (busy host)
 
 
 def default_sizes(max_bytes: int, min_bytes: int = 8) -> list[int]:
@@ -93,7 +94,7 @@ class _HardTimer:
 
         t = threading.Thread(target=ask, daemon=True)
         t.start()
-        t.join(SILENT_S + 6.0)
+        t.join(SILENT_S + ASK_S)
         me, behind = result[0] if result else (
             f"rank {self.coord.rank} on node {self.coord.node_rank} ({self.coord.host}, interface "
             f"{self.coord.ifname or '?'})",

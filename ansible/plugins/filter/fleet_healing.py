@@ -1,0 +1,46 @@
+"""The healer's decision, as a filter so the rule lives in Python and is unit-tested.
+
+    {{ verdict | fleet_heal_decision(records, replica, now, max_per_hour) }}
+      -> {'action': 'heal' | 'skip' | 'refuse', 'why': '...'}
+
+verdict: the head exporter's /verdict JSON (or None when it did not answer); records: the
+healer's log (dicts with ts, replica, result), newest last.
+- skip    the replica is not unhealthy now (healthy, starting, maintenance: someone else is on it)
+- refuse  this replica was already healed max_per_hour times in the last hour (a relaunch does
+          not fix it: a human must look) -- paged by VllmFleetHealRefused
+- heal    otherwise. A head that does not answer at all is a dead replica: heal it.
+A replica that is not unhealthy is never relaunched, so healing never takes out a replica that
+serves, let alone the last one.
+"""
+
+from __future__ import annotations
+
+from ansible.errors import AnsibleFilterError
+
+
+def fleet_heal_decision(verdict, records, replica, now, max_per_hour):
+    try:
+        now = float(now)
+        max_per_hour = int(max_per_hour)
+    except (TypeError, ValueError) as exc:
+        raise AnsibleFilterError(f"fleet_heal_decision: {exc}") from exc
+    if isinstance(verdict, dict):
+        state = str(verdict.get("state", "unknown"))
+        if state != "unhealthy":
+            return {"action": "skip", "why": f"replica {replica} is {state} now"}
+        why = "; ".join(str(p.get("detail", "")) for p in verdict.get("problems") or []
+                        if isinstance(p, dict)) or "unhealthy"
+    else:
+        why = "its head's exporter does not answer"
+    recent = [r for r in records or [] if isinstance(r, dict) and r.get("replica") == replica
+              and r.get("result") == "started" and now - float(r.get("ts", 0)) < 3600]
+    if len(recent) >= max_per_hour:
+        return {"action": "refuse",
+                "why": f"replica {replica} was already healed {len(recent)} times in the last "
+                       f"hour (heal_max_per_hour={max_per_hour}); it is still unhealthy: {why}"}
+    return {"action": "heal", "why": why}
+
+
+class FilterModule:
+    def filters(self):
+        return {"fleet_heal_decision": fleet_heal_decision}

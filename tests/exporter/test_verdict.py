@@ -1,0 +1,224 @@
+"""The verdict's rules (verdict.py) and how members are found and judged on a real /proc.
+
+Member states come from real processes: a child registered like a vLLM process, then stopped
+with SIGSTOP, frozen through a real cgroup freezer, killed. The rules are checked on values."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from vllm_fleet_exporter.launchstate import Collective
+from vllm_fleet_exporter.members import (Member, MemberTracker, cgroup_frozen, read_registry,
+                                         read_roles)
+from vllm_fleet_exporter.verdict import (MemberReport, ReplicaJudge, host_problems,
+                                         read_maintenance)
+
+
+def start_ticks(pid: int) -> int:
+    data = Path(f"/proc/{pid}/stat").read_bytes()
+    return int(data[data.rindex(b")") + 2:].split()[19])
+
+
+def register(launch_dir: Path, pid: int, role: str | None = "worker") -> None:
+    d = launch_dir / "members"
+    d.mkdir(parents=True, exist_ok=True)
+    doc = {"pid": pid, "start_ticks": start_ticks(pid)}
+    if role:
+        doc["role"] = role
+    (d / str(pid)).write_text(json.dumps(doc))
+
+
+@pytest.fixture
+def child():
+    p = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    yield p
+    p.kill()
+    p.wait()
+
+
+def wait_state(tracker, reg, want, timeout=30.0):
+    deadline = time.time() + timeout
+    states = None
+    while time.time() < deadline:
+        states = [m.state for m in tracker.states(reg)]
+        if states == want:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"member states {states}, wanted {want}")
+
+
+def test_member_running_stopped_exited(tmp_path, child):
+    register(tmp_path, child.pid)
+    reg = read_registry(str(tmp_path))
+    assert reg == [(child.pid, start_ticks(child.pid))]
+    tracker = MemberTracker()
+    wait_state(tracker, reg, ["running"])
+    assert tracker.states(reg)[0].host_pid == child.pid
+    child.send_signal(signal.SIGSTOP)
+    wait_state(tracker, reg, ["stopped"])
+    child.send_signal(signal.SIGCONT)
+    wait_state(tracker, reg, ["running"])
+    child.kill()
+    child.wait()
+    wait_state(tracker, reg, ["exited"])
+
+
+def test_reused_pid_is_not_the_member(tmp_path, child):
+    """Same pid, other start time: the registered process is gone."""
+    d = tmp_path / "members"
+    d.mkdir()
+    (d / str(child.pid)).write_text(json.dumps({"pid": child.pid, "role": "worker",
+                                               "start_ticks": start_ticks(child.pid) - 1}))
+    assert [m.state for m in MemberTracker().states(read_registry(str(tmp_path)))] == ["exited"]
+
+
+def test_only_long_lived_members_are_judged(tmp_path, child):
+    """A helper vLLM starts and that exits (no role) is not a member the verdict judges."""
+    helper = subprocess.Popen([sys.executable, "-c", "pass"])
+    register(tmp_path, helper.pid, role=None)
+    helper.wait()
+    register(tmp_path, child.pid, role="engine")
+    assert read_registry(str(tmp_path)) == [(child.pid, start_ticks(child.pid))]
+    assert dict(read_roles(str(tmp_path))) == {(child.pid, start_ticks(child.pid)): "engine"}
+
+
+def _freezer_cgroup(name: str):
+    """A real freezer: cgroup v1's freezer controller, else a cgroup v2 directory."""
+    v1 = Path("/sys/fs/cgroup/freezer")
+    if (v1 / "freezer.state").exists() or (v1 / "cgroup.procs").exists():
+        cg = v1 / name
+        cg.mkdir(exist_ok=True)
+        return cg, lambda on: (cg / "freezer.state").write_text("FROZEN" if on else "THAWED")
+    for base in (Path("/sys/fs/cgroup"), Path("/sys/fs/cgroup/unified")):
+        if (base / "cgroup.controllers").exists():
+            cg = base / name
+            cg.mkdir(exist_ok=True)
+            return cg, lambda on: (cg / "cgroup.freeze").write_text("1" if on else "0")
+    pytest.fail("no cgroup freezer on this machine (needs root and cgroup v1 freezer or v2)")
+
+
+def test_member_frozen_by_cgroup_freezer(tmp_path, child):
+    """What `docker pause` does: the process's cgroup is frozen."""
+    cg, freeze = _freezer_cgroup(f"fleet-verdict-test-{os.getpid()}")
+    try:
+        (cg / "cgroup.procs").write_text(str(child.pid))
+        register(tmp_path, child.pid)
+        reg = read_registry(str(tmp_path))
+        tracker = MemberTracker()
+        wait_state(tracker, reg, ["running"])
+        freeze(True)
+        wait_state(tracker, reg, ["frozen"])
+        assert cgroup_frozen("/proc", "/sys/fs/cgroup", child.pid)
+        freeze(False)
+        wait_state(tracker, reg, ["running"])
+    finally:
+        freeze(False)
+        child.kill()
+        child.wait()
+        for _ in range(50):
+            try:
+                cg.rmdir()
+                break
+            except OSError:
+                time.sleep(0.1)
+
+
+def coll(rank, updated, stuck=False, inflight=0.0):
+    return Collective(str(rank), 100 + rank, updated, inflight, stuck, 10.0, 5, "all_reduce", "tp")
+
+
+def test_host_problems_name_each_fault():
+    now = 1000.0
+    members = [Member(1, 1, "running", 11), Member(2, 2, "stopped", 12),
+               Member(3, 3, "frozen", 13), Member(4, 4, "exited", None)]
+    got = host_problems("node2", "/x", members,
+                        [coll(0, now - 1), coll(1, now - 30), coll(2, now, True, 12.0)],
+                        now, 10.0, True)
+    reasons = [p.reason for p in got]
+    assert reasons == ["member_stopped", "member_frozen", "member_exited", "heartbeat_stale",
+                       "collective_stuck"]
+    assert "node2" in got[0].detail and "12" in got[0].detail  # host and host pid named
+    assert "rank 1" in got[3].detail and "30s" in got[3].detail
+    assert host_problems("node2", None, [], [], now, 10.0, True)[0].reason == "no_launch"
+    assert host_problems("node3", None, [], [], now, 10.0, False) == []  # a Ray-only host
+
+
+def judge(**kw):
+    args = dict(start_timeout_s=600, api_max_silence_s=6, member_max_silence_s=6,
+                canary_max_failures=2)
+    args.update(kw)
+    return ReplicaJudge("node1", is_head=True, **args)
+
+
+def test_starting_until_first_health_then_healthy_then_unhealthy():
+    j = judge()
+    kw = dict(launch_id="L1", launch_created=100.0, own=[], maintenance=None)
+    assert j.judge(110, last_health_ok=None, **kw).state == "starting"
+    # a health answer from before this launch does not count
+    assert j.judge(111, last_health_ok=99.0, **kw).state == "starting"
+    v = j.judge(200, last_health_ok=199.0, **kw)
+    assert v.state == "healthy" and v.phase_since == 200
+    v = j.judge(210, last_health_ok=199.0, **kw)  # 11 s without a 200
+    assert v.state == "unhealthy" and [p.reason for p in v.problems] == ["api_down"]
+    assert j.judge(211, last_health_ok=211.0, **kw).state == "healthy"
+
+
+def test_problems_during_start_do_not_count_until_start_timeout():
+    j = judge(start_timeout_s=300)
+    own = host_problems("node1", "/x", [Member(5, 5, "exited", None)], [], 150, 10, True)
+    kw = dict(launch_id="L1", launch_created=100.0, own=own, maintenance=None,
+              last_health_ok=None)
+    assert j.judge(150, **kw).state == "starting"
+    v = j.judge(401, **kw)
+    assert v.state == "unhealthy" and "start_timeout" in [p.reason for p in v.problems]
+
+
+def test_new_launch_starts_over():
+    j = judge()
+    assert j.judge(200, launch_id="L1", launch_created=100.0, own=[], maintenance=None,
+                   last_health_ok=199.0).state == "healthy"
+    assert j.judge(300, launch_id="L2", launch_created=290.0, own=[], maintenance=None,
+                   last_health_ok=199.0).state == "starting"
+
+
+def test_members_ray_and_canary():
+    j = judge()
+    now = 500.0
+    good = MemberReport("http://n2:9445", now - 1, {"state": "healthy", "host": "node2",
+                                                     "launch_id": "L1", "problems": []})
+    bad = MemberReport("http://n3:9445", now - 1, {
+        "state": "unhealthy", "host": "node3", "launch_id": "L1",
+        "problems": [{"reason": "member_stopped", "detail": "node3: process 7 is stopped"}]})
+    silent = MemberReport("http://n4:9445", now - 30, {"state": "healthy", "launch_id": "L1",
+                                                        "problems": []}, "timed out")
+    other = MemberReport("http://n5:9445", now, {"state": "healthy", "host": "node5",
+                                                  "launch_id": "L0", "problems": []})
+    kw = dict(launch_id="L1", launch_created=100.0, own=[], maintenance=None,
+              last_health_ok=now)
+    j.judge(now, **kw)
+    v = j.judge(now, members=[good], ray_alive=2, ray_expected=2, canary_failures=1, **kw)
+    assert v.state == "healthy"
+    v = j.judge(now, members=[good, bad, silent, other], ray_alive=1, ray_expected=2,
+                canary_failures=2, **kw)
+    assert [p.reason for p in v.problems] == ["member_host_unhealthy", "member_host_unreachable",
+                                              "member_launch_mismatch", "ray_nodes_missing",
+                                              "canary_failing"]
+    assert "node3: process 7 is stopped" in v.summary()
+
+
+def test_maintenance_marker(tmp_path):
+    (tmp_path / "maintenance-dep.json").write_text(json.dumps({"until": 2000, "reason": "heal"}))
+    assert read_maintenance(str(tmp_path), "dep", 1000) == "heal"
+    assert read_maintenance(str(tmp_path), "dep", 2001) is None  # expired: no silence for good
+    assert read_maintenance(str(tmp_path), "other", 1000) is None
+    j = judge()
+    v = j.judge(1000, launch_id="L1", launch_created=100.0, maintenance="heal",
+                own=host_problems("node1", "/x", [Member(1, 1, "exited", None)], [], 1000, 10,
+                                  True), last_health_ok=None)
+    assert v.state == "maintenance"
