@@ -28,13 +28,16 @@ pytestmark = pytest.mark.skipif(
     reason="needs root, nft (package nftables), ip and unshare")
 
 TAG = f"fw{os.getpid() % 100000}"
-NS = {name: f"{TAG}-{name}" for name in ("host", "peer", "intruder", "lb", "mon", "scan", "mgmt", "fab")}
+NS = {name: f"{TAG}-{name}" for name in ("host", "peer", "intruder", "lb", "mon", "scan", "member", "mgmt", "fab")}
 HOST_MGMT, HOST_FAB = "10.251.0.10", "10.252.0.10"
 NEIGHBOURS = {  # namespace -> (network, address)
     "peer": ("fab", "10.252.0.20"), "intruder": ("fab", "10.252.0.66"),
-    "lb": ("mgmt", "10.251.0.5"), "mon": ("mgmt", "10.251.0.7"), "scan": ("mgmt", "10.251.0.99")}
+    "lb": ("mgmt", "10.251.0.5"), "mon": ("mgmt", "10.251.0.7"), "scan": ("mgmt", "10.251.0.99"),
+    "member": ("mgmt", "10.251.0.20")}  # worker2's management address: the head's replica member
 PORTS = {"ssh": 22, "gcs": 6379, "launch": 21000, "api": 8009, "exporter": 9445, "agent": 9446,
          "site": 5432}
+# What a monitoring host that also heals listens on: Alertmanager and the healer's webhook.
+MONITORING_PORTS = {"alertmanager": 9093, "healer": 5055}
 NCCL_PORT = 45123  # a random NCCL/Gloo port on the fabric address
 
 LISTEN = textwrap.dedent("""
@@ -102,7 +105,7 @@ def netns(tmp_path_factory):
         in_ns(NS["host"], "ip", "route", "add", "default", "via", "10.251.0.1")  # management = default route
         for ns, (net, addr) in NEIGHBOURS.items():
             wire(ns, net, addr, "eth0")
-        specs = [f"0.0.0.0:{p}" for p in PORTS.values()] + [f"{HOST_FAB}:{NCCL_PORT}"]
+        specs = [f"0.0.0.0:{p}" for p in {**PORTS, **MONITORING_PORTS}.values()] + [f"{HOST_FAB}:{NCCL_PORT}"]
         proc = subprocess.Popen(["ip", "netns", "exec", NS["host"], sys.executable, "-c", LISTEN, *specs],
                                 stdout=subprocess.PIPE, text=True)
         listeners.append(proc)
@@ -121,7 +124,8 @@ def netns(tmp_path_factory):
             sh("ip", "netns", "delete", name, check=False)
 
 
-def inventory(tmp: Path, **host_vars) -> Path:
+def inventory(tmp: Path, head_monitors: bool = False, **host_vars) -> Path:
+    """head_monitors: head1 is also a monitoring host and the healer host (fleet_healer)."""
     hv = {"ansible_connection": "local", "ansible_python_interpreter": sys.executable,
           "ansible_host": HOST_MGMT, "fleet_replica": "a", "firewall_ruleset_path": str(tmp / "firewall.nft"),
           "fw_tasks": "table.yml", **host_vars}
@@ -136,7 +140,10 @@ fleet_workers
 [fleet_loadbalancer]
 lb ansible_host={NEIGHBOURS["lb"][1]}
 [fleet_monitoring]
+{"head1" if head_monitors else ""}
 mon ansible_host={NEIGHBOURS["mon"][1]}
+[fleet_healer]
+{"head1" if head_monitors else ""}
 [all:vars]
 fleet_deployment=fwtest
 fleet_api_port={PORTS["api"]}
@@ -181,6 +188,9 @@ def test_only_the_hosts_that_need_a_port_reach_it(netns):
     assert open_ports("scan", HOST_MGMT) == {"ssh", "site"}
     assert open_ports("lb", HOST_MGMT) == {"ssh", "site", "api", "exporter", "agent"}
     assert open_ports("mon", HOST_MGMT) == {"ssh", "site", "api", "exporter", "agent"}
+    # a host of the head's replica: the API (health waits) and the exporter (its head's exporter
+    # asks its members' exporters for their /verdict)
+    assert open_ports("member", HOST_MGMT) == {"ssh", "site", "api", "exporter", "agent"}
     # the fabric: the replica's peer reaches Ray, the launch range and NCCL's random port; an
     # intruder on the same network reaches none of them
     for port in (PORTS["gcs"], PORTS["launch"], NCCL_PORT):
@@ -189,6 +199,17 @@ def test_only_the_hosts_that_need_a_port_reach_it(netns):
     assert reachable("intruder", HOST_FAB, PORTS["ssh"])
     listing = in_ns(NS["host"], "nft", "list", "ruleset").stdout
     assert "table inet site_rules" in listing and "tcp dport 5432 counter" in listing
+
+
+def test_alertmanager_and_the_healer_webhook_take_only_the_monitoring_hosts(netns):
+    """head1 also monitors and heals: Prometheus sends alerts to Alertmanager (9093) and
+    Alertmanager posts them to the healer's webhook (5055), both from the monitoring hosts only."""
+    out, _ = converge(netns, head_monitors=True)
+    for name, port in MONITORING_PORTS.items():
+        assert reachable("mon", HOST_MGMT, port), (name, out[-3000:])
+        for src in ("scan", "lb", "member"):
+            assert not reachable(src, HOST_MGMT, port), (src, name)
+    converge(netns)  # back to the plain head for the other tests
 
 
 def test_rerun_changes_nothing_and_check_diff_shows_a_new_source(netns):
@@ -229,10 +250,12 @@ def test_ports_the_firewall_names_by_default_are_the_ports_the_other_roles_use()
     fw = (REPO / "roles/firewall/vars/main.yml").read_text()
     defaults = {**yaml.safe_load((REPO / "roles/ray_cluster/defaults/main.yml").read_text()),
                 **yaml.safe_load((REPO / "roles/vllm_serve/defaults/main.yml").read_text()),
-                **yaml.safe_load((REPO / "roles/loadbalancer/defaults/main.yml").read_text())}
-    fallbacks = dict(re.findall(r"((?:ray_cluster|vllm_serve|loadbalancer)_\w+_port) \| default\((\d+)\)", fw))
+                **yaml.safe_load((REPO / "roles/loadbalancer/defaults/main.yml").read_text()),
+                **yaml.safe_load((REPO / "roles/model/defaults/main.yml").read_text())}
+    fallbacks = dict(re.findall(r"((?:ray_cluster|vllm_serve|loadbalancer|model)_\w+_port) \| default\((\d+)\)", fw))
     assert set(fallbacks) == {"ray_cluster_dashboard_agent_grpc_port", "ray_cluster_runtime_env_agent_port",
-                              "vllm_serve_master_port", "loadbalancer_tls_port", "loadbalancer_frontend_port"}
+                              "vllm_serve_master_port", "loadbalancer_tls_port", "loadbalancer_frontend_port",
+                              "model_sync_ssh_port"}
     for name, value in fallbacks.items():
         assert defaults[name] == int(value), name
     assert f'firewall_launch_ports: "{launch.PORT_LO}-{launch.PORT_HI - 1}"' in fw
