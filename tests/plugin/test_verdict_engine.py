@@ -21,7 +21,9 @@ from pathlib import Path
 
 import pytest
 
-from test_engine import DEPLOYMENT, Engine, _free_port, _kill_session, engine_env  # noqa: F401
+from test_engine import DEPLOYMENT, Engine, engine_env  # noqa: F401
+from tests.engine_parts import free_port as _free_port
+from tests.engine_parts import kill_session as _kill_session
 
 pytestmark = pytest.mark.engine
 REPO = Path(__file__).resolve().parents[2]
