@@ -328,9 +328,11 @@ def inventory_text(count: int, key: Path) -> str:
             # requests then feed the probe-based latency panels and rules.
             env["VLLM_FLEET_PROBE_EVERY_STEPS"] = "20"
         # The controller (the lab's gateway) stands for the operators' workstation: the firewall lets
-        # it reach the heads' API and Prometheus directly (the lab tests do); a scanner elsewhere on
-        # the management network gets only SSH and the front door.
-        line += f" firewall_api_sources='[\"{controller_ip()}\"]' firewall_prometheus_sources='[\"{controller_ip()}\"]'"
+        # it reach the heads' API, the exporters (/verdict) and Prometheus/Alertmanager directly (the
+        # lab tests and benchmarks/hang_detection.py do); a scanner elsewhere on the management
+        # network gets only SSH and the front door.
+        line += "".join(f" firewall_{kind}_sources='[\"{controller_ip()}\"]'"
+                        for kind in ("api", "exporter", "prometheus"))
         if i == 3:
             # two tenants on the balancer: "lab" for the tests and loadgen, "lab-limited" (3 requests
             # per 10 s) to show a rate limit; their keys are generated in .lab/fleet-secrets/

@@ -66,7 +66,6 @@ def chat(base_url: str, model: str, max_tokens: int = 8, timeout: float = 120, k
 @pytest.fixture(scope="module")
 def monitored(deployed_lab):
     prom = prometheus_of(deployed_lab)
-    hostvars = deployed_lab["inventory_vars"]["_meta"]["hostvars"]
     for head in deployed_lab["groups"]["fleet_head"]:  # traffic on every replica: vLLM's own histograms
         api = head_api(deployed_lab, head)
         for _ in range(4):
