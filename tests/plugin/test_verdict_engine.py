@@ -21,7 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from test_engine import DEPLOYMENT, Engine, _free_port, _kill_session, engine_env  # noqa: F401
+from test_engine import DEPLOYMENT, Engine, engine_env  # noqa: F401
+from tests.engine_parts import free_port, kill_session
 
 pytestmark = pytest.mark.engine
 REPO = Path(__file__).resolve().parents[2]
@@ -71,7 +72,7 @@ def judged(engine_env, tmp_path_factory):  # noqa: F811
     try:
         eng.wait_ready()
         tmp = tmp_path_factory.mktemp("verdict")
-        port, agent_port = _free_port(), _free_port()
+        port, agent_port = free_port(), free_port()
         cfg = tmp / "exporter.json"
         cfg.write_text(json.dumps({
             "listen": f"127.0.0.1:{port}", "state_dir": str(eng.state), "host": "enginehost",
@@ -89,7 +90,7 @@ def judged(engine_env, tmp_path_factory):  # noqa: F811
             exporter.kill()
             exporter.wait()
         eng.stop()
-        _kill_session(eng.proc.pid)
+        kill_session(eng.proc.pid)
 
 
 def test_a_healthy_engine_is_healthy_and_its_members_are_its_live_processes(judged):
