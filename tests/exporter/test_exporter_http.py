@@ -31,7 +31,9 @@ def test_held_canary_does_not_hold_scrapes(tmp_path, stub_engine, state_dir):
     answers (from the collectors' last results) and reports no canary result yet; once released,
     the canary's TTFT covers the whole hold."""
     held = stub_engine.state.hold_first_token = threading.Event()
-    setup = full_setup(tmp_path, state_dir, engine_url=stub_engine.url, canary_interval_s=0.1,
+    # one canary only (the first runs at start): a later, unheld one would replace its TTFT before
+    # a scrape on a busy machine sees it
+    setup = full_setup(tmp_path, state_dir, engine_url=stub_engine.url, canary_interval_s=600,
                        canary_timeout_s=600)
     proc = run_exporter(["--config", str(setup["config"])], env=dict(setup["env"]))
     try:

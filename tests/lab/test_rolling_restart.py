@@ -20,7 +20,8 @@ import pytest
 
 from tests.lab.conftest import INVENTORY, REPO, front_door, run_playbook
 
-# Not in `make test`: about 30 min with test_faults' day-2 tests, over CI's budget (README: Tests).
+# The whole module is day-2 (make test-day2); the rolling restart under load also runs in the lab
+# tier, i.e. in `make test` and CI (README: Tests).
 pytestmark = pytest.mark.day2
 LOADGEN = REPO / "tools" / "loadgen.py"
 
@@ -75,6 +76,7 @@ def start_load(fleet, tmp_path: Path, name: str, duration: float = 1800) -> tupl
     return proc, out
 
 
+@pytest.mark.lab
 def test_rolling_restart_under_load_has_zero_failed_requests(fleet):
     """benchmarks/rolling_restart.py: light load alone, then during rolling_restart.yml; it exits 1
     on a failed playbook, any failed request, or p99 during / before above 2x. Its figures and

@@ -22,8 +22,7 @@ from pathlib import Path
 import pytest
 
 from test_engine import DEPLOYMENT, Engine, engine_env  # noqa: F401
-from tests.engine_parts import free_port as _free_port
-from tests.engine_parts import kill_session as _kill_session
+from tests.engine_parts import free_port, kill_session
 
 pytestmark = pytest.mark.engine
 REPO = Path(__file__).resolve().parents[2]
@@ -73,7 +72,7 @@ def judged(engine_env, tmp_path_factory):  # noqa: F811
     try:
         eng.wait_ready()
         tmp = tmp_path_factory.mktemp("verdict")
-        port, agent_port = _free_port(), _free_port()
+        port, agent_port = free_port(), free_port()
         cfg = tmp / "exporter.json"
         cfg.write_text(json.dumps({
             "listen": f"127.0.0.1:{port}", "state_dir": str(eng.state), "host": "enginehost",
@@ -91,7 +90,7 @@ def judged(engine_env, tmp_path_factory):  # noqa: F811
             exporter.kill()
             exporter.wait()
         eng.stop()
-        _kill_session(eng.proc.pid)
+        kill_session(eng.proc.pid)
 
 
 def test_a_healthy_engine_is_healthy_and_its_members_are_its_live_processes(judged):
