@@ -38,3 +38,55 @@ def test_rate_limit_counts_this_replicas_heals_of_the_last_hour_only():
     d = fleet_heal_decision(HUNG, records, "a", 10000, 2)
     assert d["action"] == "refuse" and "2 times" in d["why"] and "process 7" in d["why"]
     assert fleet_heal_decision(HUNG, records, "b", 10000, 2)["action"] == "heal"
+
+
+VALIDATE_LIKE_HEAL = """
+- name: The validate task as heal.yml and the healer's rolling restart run it
+  hosts: localhost
+  gather_facts: false
+  tasks:
+    - name: Validate
+      fleet_validate_inventory:
+        roles_path: "{{ playbook_dir }}/roles"
+        controller_paths: "{{ controller_paths }}"
+"""
+
+
+@pytest.mark.parametrize("controller_paths", [True, False])
+def test_heals_validate_without_the_controllers_files(tmp_path, controller_paths):
+    """The healer host is not the controller: a controller directory named as the model source
+    (checked there by deploy.yml) must not refuse a heal, yet deploy.yml's own check refuses it."""
+    import subprocess
+    repo = Path(__file__).resolve().parents[2]
+    missing = tmp_path / "not-on-this-host" / "model"
+    inventory = tmp_path / "inventory.ini"
+    inventory.write_text(f"""[fleet_head]
+gpu-a ansible_host=192.0.2.10 fleet_replica=a
+
+[fleet_serving:children]
+fleet_head
+
+[fleet_monitoring]
+mon ansible_host=192.0.2.20
+
+[all:vars]
+fleet_engine=cpu
+fleet_gpu_less=True
+fleet_model_path=/var/lib/models/tiny
+fleet_served_model_name=tiny
+fleet_model_source={missing}
+model_trust_on_first_use=True
+""")
+    playbook = repo / f".heal-validate-{tmp_path.name}.yml"  # beside roles/ (playbook_dir)
+    playbook.write_text(VALIDATE_LIKE_HEAL)
+    try:
+        proc = subprocess.run(["ansible-playbook", "-i", str(inventory), str(playbook),
+                               "-e", f"controller_paths={controller_paths}"],
+                              cwd=repo, capture_output=True, text=True, timeout=300)
+    finally:
+        playbook.unlink()
+    if controller_paths:
+        assert proc.returncode != 0 and f"fleet_model_source='{missing}'" in proc.stdout, proc.stdout[-3000:]
+        assert "does not exist on the controller" in proc.stdout
+    else:
+        assert proc.returncode == 0, proc.stdout[-3000:]
