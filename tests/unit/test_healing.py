@@ -90,3 +90,45 @@ model_trust_on_first_use=True
         assert "does not exist on the controller" in proc.stdout
     else:
         assert proc.returncode == 0, proc.stdout[-3000:]
+
+
+RECORD_TWICE = """
+- name: The healer's record task, twice (started, then healed)
+  hosts: localhost
+  gather_facts: false
+  vars:
+    healer_record_host: localhost
+    healer_replica: b
+    healer_alert: "member_stopped "
+  tasks:
+    - name: Record
+      ansible.builtin.include_tasks: "{{ playbook_dir }}/roles/healer/tasks/record.yml"
+      vars:
+        healer_result: "{{ item }}"
+        healer_why: "node4: worker 43 is stopped; a 'quoted' word"
+      loop: [started, healed]
+"""
+
+
+def test_every_heal_step_is_one_json_line_that_the_decision_reads(tmp_path):
+    """record.yml appends one JSON line per step to actions.jsonl (what the rate limit, the
+    exporter's heal counters and the heal alerts read)."""
+    import json
+    import subprocess
+    repo = Path(__file__).resolve().parents[2]
+    actions = tmp_path / "actions.jsonl"
+    playbook = repo / f".heal-record-{tmp_path.name}.yml"
+    playbook.write_text(RECORD_TWICE)
+    try:
+        proc = subprocess.run(["ansible-playbook", "-i", "localhost,", "-c", "local", str(playbook),
+                               "-e", f"healer_actions_file={actions}", "-e", f"ansible_python_interpreter={sys.executable}",
+                               "-e", "ansible_become=false"],
+                              cwd=repo, capture_output=True, text=True, timeout=300)
+    finally:
+        playbook.unlink()
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    records = [json.loads(line) for line in actions.read_text().splitlines()]
+    assert [r["result"] for r in records] == ["started", "healed"]
+    assert all(isinstance(r["ts"], float) and r["replica"] == "b" for r in records)
+    assert records[0]["why"] == "node4: worker 43 is stopped; a 'quoted' word"
+    assert fleet_heal_decision(HUNG, records, "b", records[-1]["ts"] + 1, 1)["action"] == "refuse"
