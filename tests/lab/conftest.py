@@ -135,7 +135,10 @@ def deployed_lab(lab):
 # The lab tier shares one deployed lab: read-only checks first (test_security switches the firewall
 # off and on and tears down deployments of its own only), then tests that restart replicas,
 # then the fault tests that kill, cut and restart things (each repairs what it broke).
-LAB_MODULE_ORDER = ["test_lab", "test_provision", "test_serve", "test_monitoring", "test_security",
+# test_model runs after the re-run checks (test_provision, test_serve): its model stage runs for
+# another model path rewrite the fan-out's keys, which the next full deploy.yml puts back (changed).
+LAB_MODULE_ORDER = ["test_lab", "test_provision", "test_serve", "test_monitoring", "test_security", "test_model",
+                    "test_verdict",
                     "test_rolling_restart", "test_hang", "test_faults"]
 
 

@@ -38,3 +38,97 @@ def test_rate_limit_counts_this_replicas_heals_of_the_last_hour_only():
     d = fleet_heal_decision(HUNG, records, "a", 10000, 2)
     assert d["action"] == "refuse" and "2 times" in d["why"] and "process 7" in d["why"]
     assert fleet_heal_decision(HUNG, records, "b", 10000, 2)["action"] == "heal"
+
+
+VALIDATE_LIKE_HEAL = """
+- name: The validate task as heal.yml and the healer's rolling restart run it
+  hosts: localhost
+  gather_facts: false
+  tasks:
+    - name: Validate
+      fleet_validate_inventory:
+        roles_path: "{{ playbook_dir }}/roles"
+        controller_paths: "{{ controller_paths }}"
+"""
+
+
+@pytest.mark.parametrize("controller_paths", [True, False])
+def test_heals_validate_without_the_controllers_files(tmp_path, controller_paths):
+    """The healer host is not the controller: a controller directory named as the model source
+    (checked there by deploy.yml) must not refuse a heal, yet deploy.yml's own check refuses it."""
+    import subprocess
+    repo = Path(__file__).resolve().parents[2]
+    missing = tmp_path / "not-on-this-host" / "model"
+    inventory = tmp_path / "inventory.ini"
+    inventory.write_text(f"""[fleet_head]
+gpu-a ansible_host=192.0.2.10 fleet_replica=a
+
+[fleet_serving:children]
+fleet_head
+
+[fleet_monitoring]
+mon ansible_host=192.0.2.20
+
+[all:vars]
+fleet_engine=cpu
+fleet_gpu_less=True
+fleet_model_path=/var/lib/models/tiny
+fleet_served_model_name=tiny
+fleet_model_source={missing}
+model_trust_on_first_use=True
+""")
+    playbook = repo / f".heal-validate-{tmp_path.name}.yml"  # beside roles/ (playbook_dir)
+    playbook.write_text(VALIDATE_LIKE_HEAL)
+    try:
+        proc = subprocess.run(["ansible-playbook", "-i", str(inventory), str(playbook),
+                               "-e", f"controller_paths={controller_paths}"],
+                              cwd=repo, capture_output=True, text=True, timeout=300)
+    finally:
+        playbook.unlink()
+    if controller_paths:
+        assert proc.returncode != 0 and f"fleet_model_source='{missing}'" in proc.stdout, proc.stdout[-3000:]
+        assert "does not exist on the controller" in proc.stdout
+    else:
+        assert proc.returncode == 0, proc.stdout[-3000:]
+
+
+RECORD_TWICE = """
+- name: The healer's record task, twice (started, then healed)
+  hosts: localhost
+  gather_facts: false
+  vars:
+    healer_record_host: localhost
+    healer_replica: b
+    healer_alert: "member_stopped "
+  tasks:
+    - name: Record
+      ansible.builtin.include_tasks: "{{ playbook_dir }}/roles/healer/tasks/record.yml"
+      vars:
+        healer_result: "{{ item }}"
+        healer_why: "node4: worker 43 is stopped; a 'quoted' word"
+      loop: [started, healed]
+"""
+
+
+def test_every_heal_step_is_one_json_line_that_the_decision_reads(tmp_path):
+    """record.yml appends one JSON line per step to actions.jsonl (what the rate limit, the
+    exporter's heal counters and the heal alerts read)."""
+    import json
+    import subprocess
+    repo = Path(__file__).resolve().parents[2]
+    actions = tmp_path / "actions.jsonl"
+    playbook = repo / f".heal-record-{tmp_path.name}.yml"
+    playbook.write_text(RECORD_TWICE)
+    try:
+        proc = subprocess.run(["ansible-playbook", "-i", "localhost,", "-c", "local", str(playbook),
+                               "-e", f"healer_actions_file={actions}", "-e", f"ansible_python_interpreter={sys.executable}",
+                               "-e", "ansible_become=false"],
+                              cwd=repo, capture_output=True, text=True, timeout=300)
+    finally:
+        playbook.unlink()
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    records = [json.loads(line) for line in actions.read_text().splitlines()]
+    assert [r["result"] for r in records] == ["started", "healed"]
+    assert all(isinstance(r["ts"], float) and r["replica"] == "b" for r in records)
+    assert records[0]["why"] == "node4: worker 43 is stopped; a 'quoted' word"
+    assert fleet_heal_decision(HUNG, records, "b", records[-1]["ts"] + 1, 1)["action"] == "refuse"

@@ -42,6 +42,7 @@ WORKER_GROUP = "fleet_workers"
 SERVING_GROUP = "fleet_serving"
 MONITORING_GROUP = "fleet_monitoring"
 BALANCER_GROUP = "fleet_loadbalancer"
+<<<<<<< HEAD
 HEALER_GROUP = "fleet_healer"  # optional: the healer host (role healer), else the first monitoring host
 KNOWN_GROUPS = (HEAD_GROUP, WORKER_GROUP, SERVING_GROUP, MONITORING_GROUP, BALANCER_GROUP, HEALER_GROUP)
 TENANT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -53,6 +54,10 @@ LAUNCH_PORT_RANGE = (20000, 32767)
 # Ports of the cluster itself besides Ray's (fabric peers only): they may sit in the launch range.
 CLUSTER_PORT_VARS = ("ray_cluster_dashboard_agent_grpc_port", "ray_cluster_runtime_env_agent_port",
                      "vllm_serve_master_port")
+=======
+HEALER_GROUP = "fleet_healer"  # optional: the healer host (default: the first monitoring host)
+KNOWN_GROUPS = (HEAD_GROUP, WORKER_GROUP, SERVING_GROUP, MONITORING_GROUP, BALANCER_GROUP, HEALER_GROUP)
+>>>>>>> main
 NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,38}[a-z0-9])?$")
 # Linux IFNAMSIZ is 16 including the NUL; '/', ':' and white space are never valid.
 IFNAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")
@@ -146,6 +151,9 @@ class Context:
     hosts: tuple[str, ...] = ()
     specs: Mapping[str, dict] = None  # type: ignore[assignment]
     fabric_env_owners: Mapping[str, str] = None  # type: ignore[assignment]
+    # False where the validator runs on a host that is not the controller (the healer): the
+    # controller's files were checked by the deploy; here only their form is.
+    controller_paths: bool = True
 
 
 def _number(value: Any) -> Optional[float]:
@@ -241,6 +249,8 @@ def _controller_directory(value, ctx):
     text = str(value)
     if not os.path.isabs(text) or ".." in text.split("/"):
         return "must be an absolute path on the controller (without '..')", None
+    if not ctx.controller_paths:
+        return None, None
     if not os.path.exists(text):
         return "does not exist on the controller", None
     if not os.path.isdir(text):
@@ -656,7 +666,8 @@ class Checker:
                  specs: Mapping[str, dict], defaults: Mapping[str, Any], *,
                  connection_vars: Optional[Mapping[str, str]] = None,
                  plugins: Optional[Mapping[str, Iterable[str]]] = None,
-                 resolver: Optional[Resolver] = None, env_owners: Optional[Mapping[str, str]] = None):
+                 resolver: Optional[Resolver] = None, env_owners: Optional[Mapping[str, str]] = None,
+                 controller_paths: bool = True):
         self.raw = hosts
         self.groups = groups
         self.specs = specs
@@ -670,7 +681,8 @@ class Checker:
         self.user_set: dict[str, set[str]] = {}
         # Settings are named fleet_* (shared) or <role>_* (one role's own): both are checked.
         self.prefixes = setting_prefixes(specs)
-        self.ctx = Context(hosts=tuple(hosts), specs=specs, fabric_env_owners=env_owners or {})
+        self.ctx = Context(hosts=tuple(hosts), specs=specs, fabric_env_owners=env_owners or {},
+                           controller_paths=controller_paths)
 
     def add(self, host: str, variable: str, value: Any, message: str) -> None:
         """One problem per host and variable: the first found (its own value's) is the one that
@@ -852,7 +864,7 @@ class Checker:
         if name == "ansible_python_interpreter" and not (os.path.isabs(text) or text.startswith("auto")
                                                          or "{{" in text):
             return "must be an absolute path (e.g. /usr/bin/python3) or auto"
-        if name in ("ansible_ssh_private_key_file", "ansible_private_key_file"):
+        if name in ("ansible_ssh_private_key_file", "ansible_private_key_file") and self.ctx.controller_paths:
             path = os.path.expanduser(text)
             if not os.path.isfile(path):
                 return "does not exist on the controller"
@@ -981,7 +993,7 @@ class Checker:
         except model.SourceError as exc:
             self.add(host, "fleet_model_source", source, str(exc))
         else:
-            if parsed["scheme"] == "controller" and not os.path.isdir(parsed["path"]):
+            if parsed["scheme"] == "controller" and self.ctx.controller_paths and not os.path.isdir(parsed["path"]):
                 self.add(host, "fleet_model_source", source, "does not exist on the controller (a directory)")
         why = model.check_manifest(v.get("model_manifest"))
         if why:
@@ -1020,7 +1032,7 @@ class Checker:
                 self.add(host, "loadbalancer_tls_cert_file" if not cert else "loadbalancer_tls_key_file", "",
                          "set both loadbalancer_tls_cert_file and loadbalancer_tls_key_file (or neither: lab CA)")
             for var, path in (("loadbalancer_tls_cert_file", cert), ("loadbalancer_tls_key_file", key_file)):
-                if path and not os.path.isfile(path):
+                if path and self.ctx.controller_paths and not os.path.isfile(path):
                     self.add(host, var, path, "no such file on the controller")
 
     def capacity(self, host: str) -> tuple[int, str]:
@@ -1194,7 +1206,7 @@ class ActionModule(ActionBase):
     """Runs on the controller; reads hostvars, groups and the roles' argument specs."""
 
     TRANSFERS_FILES = False
-    _VALID_ARGS = frozenset(("roles_path",))
+    _VALID_ARGS = frozenset(("roles_path", "controller_paths"))
 
     def run(self, tmp=None, task_vars=None):
         result = super().run(tmp, task_vars)
@@ -1218,6 +1230,7 @@ class ActionModule(ActionBase):
         hosts: dict[str, dict[str, Any]] = {}
         # Ansible's own per-run variables (ansible_run_tags, ansible_version, ...) are no inventory's.
         from ansible import constants as C
+        from ansible.module_utils.parsing.convert_bool import boolean
         magic = set(C.INTERNAL_STATIC_VARS) | {"ansible_check_mode", "ansible_play_name", "ansible_search_path"}
         for host in groups.get("all", []):
             hv = hostvars[host]
@@ -1236,7 +1249,8 @@ class ActionModule(ActionBase):
         common_args = {h: str(v.get("ansible_ssh_common_args", "")) for h, v in hosts.items()}
         problems = validate(hosts, groups, specs, defaults, connection_vars=connection_vars, plugins=plugins,
                             resolver=lambda names: resolve_names(names, common_args),
-                            env_owners=fabric_env_owners())
+                            env_owners=fabric_env_owners(),
+                            controller_paths=boolean(self._task.args.get("controller_paths", True), strict=False))
         if problems:
             return dict(result, failed=True, msg=format_problems(problems))
         serving = [h for h in groups.get(HEAD_GROUP, []) + groups.get(WORKER_GROUP, [])]
