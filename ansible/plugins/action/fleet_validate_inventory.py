@@ -847,7 +847,7 @@ class Checker:
         if name == "ansible_python_interpreter" and not (os.path.isabs(text) or text.startswith("auto")
                                                          or "{{" in text):
             return "must be an absolute path (e.g. /usr/bin/python3) or auto"
-        if name in ("ansible_ssh_private_key_file", "ansible_private_key_file"):
+        if name in ("ansible_ssh_private_key_file", "ansible_private_key_file") and self.ctx.controller_paths:
             path = os.path.expanduser(text)
             if not os.path.isfile(path):
                 return "does not exist on the controller"
