@@ -116,6 +116,30 @@ def front_door(lab: dict, tenant: str = "") -> dict:
     return dict(door, key=fleet_endpoint.read_key(door["key_file"]))
 
 
+def am_silence(lab, matchers: dict[str, str], comment: str, minutes: int = 240) -> tuple[str, str]:
+    """A real Alertmanager silence on the lab's monitoring host: (Alertmanager URL, silence id)."""
+    import time
+    import urllib.request
+    hv = lab["inventory_vars"]["_meta"]["hostvars"]
+    mon = lab["groups"]["fleet_monitoring"][0]
+    url = f"http://{hv[mon]['ansible_host']}:{hv[mon].get('fleet_alertmanager_port', 9093)}"
+    now = time.time()
+    body = {"matchers": [{"name": k, "value": v, "isRegex": False, "isEqual": True} for k, v in matchers.items()],
+            "startsAt": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now - 60)),
+            "endsAt": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now + minutes * 60)),
+            "createdBy": "tests/lab", "comment": comment}
+    req = urllib.request.Request(f"{url}/api/v2/silences", data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"}, method="POST")
+    with urllib.request.urlopen(req, timeout=30) as r:
+        return url, json.loads(r.read())["silenceID"]
+
+
+def am_unsilence(url: str, silence_id: str) -> None:
+    import urllib.request
+    urllib.request.urlopen(urllib.request.Request(f"{url}/api/v2/silence/{silence_id}", method="DELETE"),
+                           timeout=30).close()
+
+
 @pytest.fixture(scope="session")
 def deployed_lab(lab):
     """deploy.yml run once on the lab for the whole session; later tests read the result.
@@ -129,7 +153,19 @@ def deployed_lab(lab):
     else:
         first = run_playbook("deploy.yml")
     assert first.rc == 0, first.output[-20000:]
-    return dict(lab, first_run=first)
+    # Lab tests break replicas on purpose (bad settings, kill -9, cut links): the hung-replica page,
+    # and with it the healer, is silenced in the lab's real Alertmanager meanwhile, as an operator
+    # injecting faults would do; tests/lab/test_hang.py lifts it for the faults it wants healed.
+    deployment = lab["inventory_vars"]["_meta"]["hostvars"][lab["groups"]["fleet_head"][0]].get(
+        "fleet_deployment", "vllm-fleet")
+    url, silence_id = am_silence(lab, {"alertname": "VllmFleetReplicaUnhealthy", "fleet_deployment": deployment},
+                                 "lab tests break replicas on purpose")
+    deployed = dict(lab, first_run=first, heal_silence=(url, silence_id), deployment=deployment)
+    yield deployed
+    try:  # the current silence (test_hang makes a new one after its own)
+        am_unsilence(*deployed["heal_silence"])
+    except OSError:
+        pass
 
 
 # The lab tier shares one deployed lab: read-only checks first (test_security switches the firewall

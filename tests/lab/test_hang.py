@@ -19,7 +19,7 @@ import sys
 
 import pytest
 
-from tests.lab.conftest import INVENTORY, REPO
+from tests.lab.conftest import INVENTORY, REPO, am_silence, am_unsilence
 
 pytestmark = pytest.mark.day2
 
@@ -46,9 +46,20 @@ def run_bench(mode: str, *extra: str, timeout: float = 2400) -> dict:
 CI_MODES = {"stop-worker"}
 
 
+@pytest.fixture
+def healing_on(deployed_lab):
+    """Lift the lab tier's silence of the hung-replica page for this test (conftest.deployed_lab)."""
+    url, silence_id = deployed_lab["heal_silence"]
+    am_unsilence(url, silence_id)
+    yield
+    deployed_lab["heal_silence"] = am_silence(
+        deployed_lab, {"alertname": "VllmFleetReplicaUnhealthy", "fleet_deployment": deployed_lab["deployment"]},
+        "lab tests break replicas on purpose")
+
+
 @pytest.mark.parametrize("mode,max_out", [pytest.param(m, t, id=m, marks=[pytest.mark.lab] if m in CI_MODES else [])
                                           for m, t in MODES])
-def test_hung_replica_leaves_rotation_pages_and_heals(deployed_lab, mode, max_out):
+def test_hung_replica_leaves_rotation_pages_and_heals(deployed_lab, healing_on, mode, max_out):
     r = run_bench(mode, "--concurrency", "3", "--think-time", "0", "--max-out-s", str(max_out),
                   "--max-alert-s", "60", "--max-back-s", "300")
     assert r["out_s"] <= max_out and r["alert_s"] <= 60 and r["back_s"] <= 300
@@ -58,7 +69,7 @@ def test_hung_replica_leaves_rotation_pages_and_heals(deployed_lab, mode, max_ou
     assert "started" in results and "healed" in results, r["healer"]
 
 
-def test_no_false_alarm_under_sustained_load(deployed_lab):
+def test_no_false_alarm_under_sustained_load(deployed_lab, healing_on):
     r = run_bench("soak", "--concurrency", "3", "--think-time", "0", "--soak", "600", timeout=1500)
     assert r["out_of_rotation"] == 0 and r["alerts"] == 0
     assert [h for h in r["healer"] if h["result"] in ("started", "healed", "failed")] == []

@@ -17,7 +17,7 @@ import urllib.request
 
 import pytest
 
-from tests.lab.conftest import run_playbook
+from tests.lab.conftest import am_silence, am_unsilence, run_playbook
 
 pytestmark = pytest.mark.lab
 
@@ -37,29 +37,6 @@ def servers(lab) -> dict[str, str]:
     rows = [dict(zip(cols, line.split(","))) for line in out[1:] if line]
     return {r["svname"]: r["status"] for r in rows if r["pxname"] == "vllm" and r["svname"] not in
             ("FRONTEND", "BACKEND")}
-
-
-def silence(deployed_lab, replica: str, minutes: int = 15) -> tuple[str, str]:
-    """A real Alertmanager silence of the replica's alerts: (Alertmanager URL, silence id)."""
-    hv = deployed_lab["inventory_vars"]["_meta"]["hostvars"]
-    mon = deployed_lab["groups"]["fleet_monitoring"][0]
-    url = f"http://{hv[mon]['ansible_host']}:{hv[mon].get('fleet_alertmanager_port', 9093)}"
-    deployment = hv[deployed_lab["groups"]["fleet_head"][0]].get("fleet_deployment", "vllm-fleet")
-    now = time.time()
-    body = {"matchers": [{"name": "replica", "value": replica, "isRegex": False, "isEqual": True},
-                         {"name": "fleet_deployment", "value": deployment, "isRegex": False, "isEqual": True}],
-            "startsAt": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now - 60)),
-            "endsAt": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now + minutes * 60)),
-            "createdBy": "tests/lab/test_verdict.py", "comment": "the verdict test stops a worker on purpose"}
-    req = urllib.request.Request(f"{url}/api/v2/silences", data=json.dumps(body).encode(),
-                                 headers={"Content-Type": "application/json"}, method="POST")
-    with urllib.request.urlopen(req, timeout=30) as r:
-        return url, json.loads(r.read())["silenceID"]
-
-
-def unsilence(url: str, silence_id: str) -> None:
-    req = urllib.request.Request(f"{url}/api/v2/silence/{silence_id}", method="DELETE")
-    urllib.request.urlopen(req, timeout=30).close()
 
 
 def wait(pred, timeout: float, what: str):
@@ -103,7 +80,8 @@ def test_a_stopped_worker_takes_its_replica_out_and_status_names_it(deployed_lab
     host = deployed_lab["hosts"][head]
     wait(lambda: servers(deployed_lab)[name] == "UP", 300, f"{name} UP")
     pid = host.run("pgrep -f '^VLLM::Worker_TP1'").stdout.split()[0]
-    am_url, silence_id = silence(deployed_lab, name)
+    am_url, silence_id = am_silence(deployed_lab, {"replica": name, "fleet_deployment": deployed_lab["deployment"]},
+                                    "the verdict test stops a worker on purpose", minutes=15)
     t0 = time.monotonic()
     host.run(f"sudo kill -STOP {pid}")
     try:
@@ -123,6 +101,6 @@ def test_a_stopped_worker_takes_its_replica_out_and_status_names_it(deployed_lab
         print(f"\nreplica {name} out of rotation {out_s:.1f}s after SIGSTOP")
     finally:
         host.run(f"sudo kill -CONT {pid}", check=False)
-        unsilence(am_url, silence_id)  # the replica is running again: its rule's 10 s `for` resets
+        am_unsilence(am_url, silence_id)  # the replica is running again: its rule's 10 s `for` resets
     wait(lambda: servers(deployed_lab)[name] == "UP", 120, f"{name} back UP after SIGCONT")
     assert verdict(address)["state"] == "healthy"

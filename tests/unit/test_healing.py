@@ -132,3 +132,48 @@ def test_every_heal_step_is_one_json_line_that_the_decision_reads(tmp_path):
     assert all(isinstance(r["ts"], float) and r["replica"] == "b" for r in records)
     assert records[0]["why"] == "node4: worker 43 is stopped; a 'quoted' word"
     assert fleet_heal_decision(HUNG, records, "b", records[-1]["ts"] + 1, 1)["action"] == "refuse"
+
+
+MAINTENANCE = """
+- name: The serve role's maintenance marker, written then removed
+  hosts: localhost
+  gather_facts: false
+  vars:
+    fleet_deployment: labx
+  tasks:
+    - name: Write
+      ansible.builtin.include_tasks: "{{ playbook_dir }}/roles/vllm_serve/tasks/maintenance.yml"
+      vars:
+        _vllm_serve_maintenance: "{{ write }}"
+        _vllm_serve_maintenance_ttl: 600
+        _vllm_serve_maintenance_reason: "rolling restart: test"
+"""
+
+
+def test_maintenance_marker_holds_until_and_reason_and_goes(tmp_path):
+    """roles/vllm_serve/tasks/maintenance.yml (deploy relaunches and rolling restarts): the marker
+    the verdict reads is JSON with until and reason; removing it leaves nothing."""
+    import json
+    import subprocess
+    import time
+    repo = Path(__file__).resolve().parents[2]
+    marker = tmp_path / "maintenance-labx.json"
+    playbook = repo / f".maintenance-{tmp_path.name}.yml"
+    playbook.write_text(MAINTENANCE)
+
+    def run(write: bool):
+        return subprocess.run(["ansible-playbook", "-i", "localhost,", "-c", "local", str(playbook),
+                               "-e", f"_f={marker}", "-e", f"write={write}",
+                               "-e", f"ansible_python_interpreter={sys.executable}"],
+                              cwd=repo, capture_output=True, text=True, timeout=300)
+    try:
+        t0 = time.time()
+        wrote = run(True)
+        assert wrote.returncode == 0, wrote.stdout[-3000:]
+        doc = json.loads(marker.read_text())
+        assert doc["reason"] == "rolling restart: test" and t0 + 590 < doc["until"] < time.time() + 610
+        removed = run(False)
+        assert removed.returncode == 0, removed.stdout[-3000:]
+        assert not marker.exists()
+    finally:
+        playbook.unlink()
