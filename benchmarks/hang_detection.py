@@ -231,6 +231,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ready-timeout", type=float, default=900.0,
                    help="seconds to wait for every replica healthy and UP before starting")
     p.add_argument("--heal-timeout", type=float, default=900.0, help="seconds to wait for the replica back")
+    p.add_argument("--heal-record-timeout", type=float, default=300.0,
+                   help="seconds to wait for the healer to record how a heal it started ended")
     p.add_argument("--max-out-s", type=float, default=10.0)
     p.add_argument("--max-alert-s", type=float, default=60.0)
     p.add_argument("--max-back-s", type=float, default=300.0)
@@ -332,9 +334,22 @@ def main(argv: list[str] | None = None) -> int:
     result.update(requests=summary.get("total"), failed=len(failed),
                   failed_errors=sorted({r.get("error", "")[:120] for r in failed}),
                   latency_p99_s=summary.get("latency_p99_s"))
-    heals = fleet.ssh(fleet.healer, f"sudo cat {shlex.quote(fleet.var(fleet.healer, 'fleet_healer_state_dir', '/var/lib/vllm-fleet/healer'))}/actions.jsonl")
-    records = [json.loads(line) for line in heals.stdout.splitlines() if line.strip()]
-    result["healer"] = [r for r in records if r.get("ts", 0) >= result.get("fault_at", 0)]
+    actions = f"{fleet.var(fleet.healer, 'fleet_healer_state_dir', '/var/lib/vllm-fleet/healer')}/actions.jsonl"
+
+    def heal_records():
+        heals = fleet.ssh(fleet.healer, f"sudo cat {shlex.quote(actions)}")
+        return [r for r in (json.loads(line) for line in heals.stdout.splitlines() if line.strip())
+                if r.get("ts", 0) >= result.get("fault_at", 0)]
+
+    def heal_settled():
+        # The heal playbook records its outcome after the relaunch's last task (the balancer
+        # put-back, its own checks), seconds after the replica is back in rotation: a heal that
+        # started is read once it has ended, or after --heal-record-timeout.
+        recs = heal_records()
+        mine = [r.get("result") for r in recs if r.get("replica") == replica]
+        return (recs,) if "started" not in mine or {"healed", "failed"} & set(mine) else None
+    settled = wait(heal_settled, args.heal_record_timeout, 2) if args.mode != "soak" else None
+    result["healer"] = settled[0] if settled else heal_records()
     (log_dir / "alerts.json").write_text(json.dumps([{"t": t, **a} for t, a in sink.alerts], indent=1))
     (log_dir / "healer-actions.json").write_text(json.dumps(result["healer"], indent=1))
 

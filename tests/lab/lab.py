@@ -232,7 +232,11 @@ id {DEPLOY_USER} >/dev/null 2>&1 || useradd -m -s /bin/bash {DEPLOY_USER}
 echo '{DEPLOY_USER} ALL=(ALL) NOPASSWD:ALL' > /etc/sudoers.d/{DEPLOY_USER}
 chmod 0440 /etc/sudoers.d/{DEPLOY_USER}
 install -d -m 0700 -o {DEPLOY_USER} -g {DEPLOY_USER} /home/{DEPLOY_USER}/.ssh
-echo '{pubkey}' > /home/{DEPLOY_USER}/.ssh/authorized_keys
+# Add the lab key, keep the others: deploy.yml authorizes the healer's key here, and `lab.py up`
+# runs again on a deployed lab (make test-lab); overwriting would revoke the healer until the next
+# deploy.
+touch /home/{DEPLOY_USER}/.ssh/authorized_keys
+grep -qxF '{pubkey}' /home/{DEPLOY_USER}/.ssh/authorized_keys || echo '{pubkey}' >> /home/{DEPLOY_USER}/.ssh/authorized_keys
 chown {DEPLOY_USER}: /home/{DEPLOY_USER}/.ssh/authorized_keys
 chmod 0600 /home/{DEPLOY_USER}/.ssh/authorized_keys
 # Hosts made from one image would share host keys: give each its own once.
