@@ -42,7 +42,6 @@ WORKER_GROUP = "fleet_workers"
 SERVING_GROUP = "fleet_serving"
 MONITORING_GROUP = "fleet_monitoring"
 BALANCER_GROUP = "fleet_loadbalancer"
-<<<<<<< HEAD
 HEALER_GROUP = "fleet_healer"  # optional: the healer host (role healer), else the first monitoring host
 KNOWN_GROUPS = (HEAD_GROUP, WORKER_GROUP, SERVING_GROUP, MONITORING_GROUP, BALANCER_GROUP, HEALER_GROUP)
 TENANT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -54,10 +53,6 @@ LAUNCH_PORT_RANGE = (20000, 32767)
 # Ports of the cluster itself besides Ray's (fabric peers only): they may sit in the launch range.
 CLUSTER_PORT_VARS = ("ray_cluster_dashboard_agent_grpc_port", "ray_cluster_runtime_env_agent_port",
                      "vllm_serve_master_port")
-=======
-HEALER_GROUP = "fleet_healer"  # optional: the healer host (default: the first monitoring host)
-KNOWN_GROUPS = (HEAD_GROUP, WORKER_GROUP, SERVING_GROUP, MONITORING_GROUP, BALANCER_GROUP, HEALER_GROUP)
->>>>>>> main
 NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,38}[a-z0-9])?$")
 # Linux IFNAMSIZ is 16 including the NUL; '/', ':' and white space are never valid.
 IFNAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")
