@@ -62,7 +62,9 @@ env "${TOKEN_ENV[@]}" CUDA_VISIBLE_DEVICES=0 setsid python3 -m vllm_fleet.entryp
   > "$LOGS/ray-head.log" 2>&1 &
 echo $! > /tmp/token-ray.pid
 deadline=$(( $(date +%s) + 120 ))
-until env "${TOKEN_ENV[@]}" python3 tests/gpu/ray_nodes_json.py "$RAY_ADDR" > "$LOGS/ray-nodes.json" 2>/dev/null; do
+# Until the head's own node is ALIVE: the GCS answers (an empty list) before its raylet registers.
+until env "${TOKEN_ENV[@]}" python3 tests/gpu/ray_nodes_json.py "$RAY_ADDR" > "$LOGS/ray-nodes.json" 2>/dev/null &&
+      grep -q '"state": "ALIVE"' "$LOGS/ray-nodes.json"; do
   [ "$(date +%s)" -lt "$deadline" ] || { log "Ray head not up in 120 s"; tail -n 30 "$LOGS/ray-head.log"; exit 1; }
   sleep 2
 done
