@@ -140,6 +140,22 @@ def am_unsilence(url: str, silence_id: str) -> None:
                            timeout=30).close()
 
 
+def am_lift_test_silences(url: str, matchers: dict[str, str]) -> list[str]:
+    """Expire every silence these tests made (createdBy tests/lab) with exactly these matchers,
+    also ones an earlier, interrupted session left: Alertmanager restores silences from its last
+    snapshot after a restart, so a silence lifted before the restart can come back. Returns the
+    ids lifted."""
+    import urllib.request
+    with urllib.request.urlopen(f"{url}/api/v2/silences", timeout=30) as r:
+        silences = json.loads(r.read())
+    want = {(k, v) for k, v in matchers.items()}
+    ours = [s["id"] for s in silences if s.get("createdBy") == "tests/lab" and s["status"]["state"] != "expired"
+            and {(m["name"], m["value"]) for m in s["matchers"]} == want]
+    for silence_id in ours:
+        am_unsilence(url, silence_id)
+    return ours
+
+
 @pytest.fixture(scope="session")
 def deployed_lab(lab):
     """deploy.yml run once on the lab for the whole session; later tests read the result.
@@ -158,9 +174,9 @@ def deployed_lab(lab):
     # injecting faults would do; tests/lab/test_hang.py lifts it for the faults it wants healed.
     deployment = lab["inventory_vars"]["_meta"]["hostvars"][lab["groups"]["fleet_head"][0]].get(
         "fleet_deployment", "vllm-fleet")
-    url, silence_id = am_silence(lab, {"alertname": "VllmFleetReplicaUnhealthy", "fleet_deployment": deployment},
-                                 "lab tests break replicas on purpose")
-    deployed = dict(lab, first_run=first, heal_silence=(url, silence_id), deployment=deployment)
+    heal_page = {"alertname": "VllmFleetReplicaUnhealthy", "fleet_deployment": deployment}
+    url, silence_id = am_silence(lab, heal_page, "lab tests break replicas on purpose")
+    deployed = dict(lab, first_run=first, heal_silence=(url, silence_id), heal_page=heal_page, deployment=deployment)
     yield deployed
     try:  # the current silence (test_hang makes a new one after its own)
         am_unsilence(*deployed["heal_silence"])
