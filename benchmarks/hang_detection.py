@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import os
 import shlex
 import signal
 import subprocess
@@ -216,9 +215,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mode", choices=MODES, required=True)
     p.add_argument("--replica", default="")
     p.add_argument("--host", default="")
-    p.add_argument("--base-url", default="")
+    p.add_argument("--base-url", default="", help="default: the first balancer's front door of the inventory")
     p.add_argument("--model", default="")
-    p.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY", ""))
+    p.add_argument("--api-key-file", default="",
+                   help="tenant key file (default: the inventory's generated key of its first tenant)")
+    p.add_argument("--ca-file", default="", help="CA bundle (default: the inventory's lab CA when generated)")
     p.add_argument("--concurrency", type=int, default=3)
     p.add_argument("--think-time", type=float, default=0.0)
     p.add_argument("--stream-ratio", type=float, default=0.5)
@@ -243,8 +244,11 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     fleet = Fleet(args.inventory)
     if not args.base_url or not args.model:
-        url, model = rr.endpoint_from_inventory(args.inventory)
-        args.base_url, args.model = args.base_url or url, args.model or model
+        door = rr.endpoint_from_inventory(args.inventory)  # TLS front door, lab CA, tenant key file
+        args.base_url = args.base_url or door["url"]
+        args.model = args.model or door["model"]
+        args.api_key_file = args.api_key_file or door["key_file"]
+        args.ca_file = args.ca_file or door["ca_file"]
     replica, host, inject, restore = pick(fleet, args.mode, args.replica, args.host)
     head = fleet.replicas[replica][0]
     log_dir = Path(args.log_dir or tempfile.mkdtemp(prefix="hang-"))

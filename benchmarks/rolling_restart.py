@@ -24,7 +24,8 @@ import tempfile
 import time
 from pathlib import Path
 
-import yaml
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+from fleet_endpoint import front_door, inventory_list  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 LOADGEN = REPO / "tools" / "loadgen.py"
@@ -36,24 +37,12 @@ def ansible_tool(name: str) -> str:
     return str(beside) if beside.exists() else name
 
 
-def endpoint_from_inventory(inventory: str) -> tuple[str, str]:
-    """(base URL of the balancer, served model name) from ansible-inventory."""
-    out = subprocess.run([ansible_tool("ansible-inventory"), "-i", inventory, "--list"], cwd=REPO,
-                         capture_output=True, text=True,
-                         check=True, timeout=120).stdout
-    data = json.loads(out)
-    hostvars = data.get("_meta", {}).get("hostvars", {})
-    balancers = data.get("fleet_loadbalancer", {}).get("hosts", [])
-    if not balancers:
+def endpoint_from_inventory(inventory: str) -> dict:
+    """The first balancer's front door: url, lab CA, a generated tenant key file, served model."""
+    try:
+        return front_door(inventory, inventory_list(inventory, ansible_tool("ansible-inventory")))
+    except LookupError:
         raise SystemExit("no host in fleet_loadbalancer: give --base-url")
-    lb = balancers[0]
-    defaults = yaml.safe_load((REPO / "roles/loadbalancer/defaults/main.yml").read_text())
-    hv = hostvars.get(lb, {})
-    address = hv.get("loadbalancer_frontend_address") or hv.get("ansible_host") or lb
-    port = hv.get("loadbalancer_frontend_port", defaults["loadbalancer_frontend_port"])
-    model = next((v["fleet_served_model_name"] for v in hostvars.values() if v.get("fleet_served_model_name")), "")
-    host = f"[{address}]" if ":" in str(address) else address
-    return f"http://{host}:{port}/v1", model
 
 
 def loadgen_cmd(args, duration: float, json_path: str) -> list[str]:
@@ -63,8 +52,10 @@ def loadgen_cmd(args, duration: float, json_path: str) -> list[str]:
            "--think-time", str(args.think_time), "--json", json_path]
     if args.model:
         cmd += ["--model", args.model]
-    if args.api_key:
-        cmd += ["--api-key", args.api_key]
+    if args.api_key_file:
+        cmd += ["--api-key-file", args.api_key_file]
+    if args.ca_file:
+        cmd += ["--ca-file", args.ca_file]
     return cmd
 
 
@@ -87,7 +78,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("-i", "--inventory", required=True)
     p.add_argument("--base-url", default="", help="default: the first balancer of the inventory")
     p.add_argument("--model", default="", help="default: fleet_served_model_name of the inventory")
-    p.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY", ""))
+    p.add_argument("--api-key-file", default="",
+                   help="tenant key file (default: the inventory's generated key of its first tenant)")
+    p.add_argument("--ca-file", default="", help="CA bundle (default: the inventory's lab CA when generated)")
     p.add_argument("--before", type=float, default=60.0, help="seconds of load before the restart")
     p.add_argument("--concurrency", type=int, default=4)
     p.add_argument("--think-time", type=float, default=0.0,
@@ -103,9 +96,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("extra", nargs="*", help="extra ansible-playbook arguments (after --)")
     args = p.parse_args(argv)
     if not args.base_url or not args.model:
-        url, model = endpoint_from_inventory(args.inventory)
-        args.base_url = args.base_url or url
-        args.model = args.model or model
+        door = endpoint_from_inventory(args.inventory)
+        args.base_url = args.base_url or door["url"]
+        args.model = args.model or door["model"]
+        args.api_key_file = args.api_key_file or door["key_file"]
+        args.ca_file = args.ca_file or door["ca_file"]
 
     with tempfile.TemporaryDirectory() as tmp:
         print(f"[bench] before: {args.before:.0f}s of load on {args.base_url}", flush=True)

@@ -197,12 +197,16 @@ class RayNode:
 
     A node whose raylet did not register within Ray's fixed 30 s (Ray 2.55: "timed out during
     startup"; a busy machine) is started again, as the fleet's Ray node container is by its
-    restart policy (roles/ray_cluster), until RAY_START_S has passed."""
+    restart policy (roles/ray_cluster), until RAY_START_S has passed.
+
+    Token authentication is on (RAY_AUTH_MODE=token, the cluster's token in a 0600 file), as the
+    ray_cluster role starts every node; HOME is the test's directory, so no token from ~/.ray
+    reaches a client that was not given one."""
 
     TRANSIENT = "The current node timed out during startup"
 
-    def __init__(self, tmp: Path, ip: str, ray_tmp: str, head: "RayNode | None" = None):
-        self.ip, self.ray_tmp, self.head = ip, ray_tmp, head
+    def __init__(self, tmp: Path, ip: str, ray_tmp: str, token_file: str, head: "RayNode | None" = None):
+        self.ip, self.ray_tmp, self.head, self.token_file = ip, ray_tmp, head, token_file
         self.log_path = tmp / f"ray-{ip}.log"
         self.log = open(self.log_path, "w")
         if head is None:
@@ -218,7 +222,8 @@ class RayNode:
         startup = str(_role_default("ray_cluster", "ray_cluster_dashboard_startup_timeout"))
         self.env = child_env(RAY_USAGE_STATS_ENABLED=0, GLOO_SOCKET_IFNAME="lo",
                              FLEET_NODE_NAME=f"raynode-{ip}", RAY_DASHBOARD_STARTUP_TIMEOUT_S=startup,
-                             RAY_DASHBOARD_SUBPROCESS_MODULE_WAIT_READY_TIMEOUT=startup)
+                             RAY_DASHBOARD_SUBPROCESS_MODULE_WAIT_READY_TIMEOUT=startup,
+                             RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=token_file, HOME=str(tmp))
         self.sessions: list[int] = []
         self._start()
 
@@ -292,11 +297,14 @@ def start_ray_cluster(tmp_path_factory) -> list[RayNode]:
     for attempt in (1, 2):  # one retry: on a saturated shared machine the GCS can time out
         tmp = tmp_path_factory.mktemp("ray")
         ray_tmp = tempfile.mkdtemp(prefix="ray-ft-", dir="/tmp")
+        token = tmp / "ray-auth-token"
+        token.write_text(uuid.uuid4().hex + uuid.uuid4().hex)
+        token.chmod(0o600)
         t0 = time.time()
         try:
-            nodes.append(RayNode(tmp, f"{RAY_NET}.2", ray_tmp))
+            nodes.append(RayNode(tmp, f"{RAY_NET}.2", ray_tmp, str(token)))
             nodes[0].wait_started()
-            nodes.append(RayNode(tmp, f"{RAY_NET}.3", ray_tmp, head=nodes[0]))
+            nodes.append(RayNode(tmp, f"{RAY_NET}.3", ray_tmp, str(token), head=nodes[0]))
             nodes[1].wait_started()
             print(f"ray cluster of 2 nodes up in {time.time() - t0:.1f}s")
             return nodes

@@ -5,8 +5,11 @@ Bounded twice: at most --requests requests, and no request starts after --durati
 request has its own --timeout, so the whole run ends within duration + timeout. SIGTERM/SIGINT stop
 new requests and let in-flight ones finish (benchmarks/rolling_restart.py uses that).
 
-  tools/loadgen.py --base-url http://lb:8080/v1 --requests 500 --duration 120 --concurrency 8 \
-      --stream-ratio 0.5 --json out.json --fail-on-error
+  tools/loadgen.py --base-url https://lb:8443/v1 --api-key-file KEYFILE --ca-file ca.crt \
+      --requests 500 --duration 120 --concurrency 8 --stream-ratio 0.5 --json out.json --fail-on-error
+
+The key comes from a file (--api-key-file) or $OPENAI_API_KEY, never from the command line;
+--ca-file trusts a private CA (the lab CA of a deployment: fleet-secrets/<deployment>/lab-ca/ca.crt).
 
 Prints total / failed / p50 / p99 latency and TTFT (streamed requests); the JSON has the same plus
 errors by kind and, with --per-request, every request. The client never retries (max_retries=0 by
@@ -55,6 +58,7 @@ class Config:
     seed: int = 0
     extra_body: dict = field(default_factory=dict)
     think_time: float = 0.0          # seconds each worker waits between its requests
+    ca_file: str = ""                # CA bundle to verify the server's TLS certificate (else the system's)
 
 
 def percentile(values: list[float], q: float) -> float | None:
@@ -92,8 +96,10 @@ class LoadGenerator:
 
     def client(self):
         import openai
+        http_client = openai.DefaultHttpxClient(verify=self.config.ca_file) if self.config.ca_file else None
         return openai.OpenAI(base_url=self.config.base_url, api_key=self.config.api_key or "EMPTY",
-                             timeout=self.config.timeout, max_retries=self.config.retries)
+                             timeout=self.config.timeout, max_retries=self.config.retries,
+                             http_client=http_client)
 
     def resolve_model(self) -> str:
         if self.config.model:
@@ -213,9 +219,10 @@ def report(summary: dict) -> str:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--base-url", required=True, help="OpenAI base URL, e.g. http://lb:8080/v1")
-    p.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY", "EMPTY"),
-                   help="API key (default: $OPENAI_API_KEY, else none)")
+    p.add_argument("--base-url", required=True, help="OpenAI base URL, e.g. https://lb:8443/v1")
+    p.add_argument("--api-key-file", default="",
+                   help="file holding the API key (default: $OPENAI_API_KEY, else none); never the key itself")
+    p.add_argument("--ca-file", default="", help="CA bundle for the server's TLS certificate (e.g. the lab CA)")
     p.add_argument("--model", default="", help="model name (default: the first of /v1/models)")
     p.add_argument("--requests", type=int, default=100, help="at most this many requests (default 100)")
     p.add_argument("--duration", type=float, default=60.0, help="no request starts after this many seconds")
@@ -233,6 +240,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--think-time", type=float, default=0.0,
                    help="seconds each worker waits between its requests (default 0: back to back)")
     args = p.parse_args(argv)
+    if args.api_key_file:
+        try:
+            with open(args.api_key_file, encoding="utf-8") as fh:
+                args.api_key = fh.readline().strip()
+        except OSError as exc:
+            p.error(f"--api-key-file {args.api_key_file}: {exc.strerror}")
+    else:
+        args.api_key = os.environ.get("OPENAI_API_KEY", "EMPTY")
+    if args.ca_file and not os.path.isfile(args.ca_file):
+        p.error(f"--ca-file {args.ca_file}: no such file")
     if args.requests < 1 or args.duration <= 0 or args.concurrency < 1 or not 0 <= args.stream_ratio <= 1 \
             or args.think_time < 0:
         p.error("--requests and --concurrency must be >= 1, --duration > 0, --stream-ratio in [0, 1], "
@@ -245,7 +262,8 @@ def main(argv: list[str] | None = None) -> int:
     config = Config(base_url=args.base_url, api_key=args.api_key, model=args.model, requests=args.requests,
                     duration=args.duration, concurrency=args.concurrency, stream_ratio=args.stream_ratio,
                     max_tokens=args.max_tokens, prompt=args.prompt, timeout=args.timeout, retries=args.retries,
-                    seed=args.seed, extra_body=json.loads(args.extra_body), think_time=args.think_time)
+                    seed=args.seed, extra_body=json.loads(args.extra_body), think_time=args.think_time,
+                    ca_file=args.ca_file)
     gen = LoadGenerator(config)
 
     def stop(signum, _frame):

@@ -22,6 +22,7 @@ from .launchstate import HIST_LABELS, LaunchReader, newest_launch_dir
 from .nccl import TRANSPORTS, NcclLogParser
 from .probes import probe_health, query_ray, run_canary
 from .procscan import scan
+from .tenants import read_tenants
 from .replica import VerdictKeeper
 
 log = logging.getLogger(__name__)
@@ -52,6 +53,9 @@ class FleetExporter:
         if cfg.ray_url or cfg.ray_command:
             self.jobs["ray"] = Job("ray", self._ray, cfg.ray_interval_s,
                                    max_age_s=3 * cfg.ray_interval_s + cfg.ray_timeout_s)
+        if cfg.tenants_url:
+            self.jobs["tenants"] = Job("tenants", self._tenants, cfg.tenants_interval_s,
+                                       max_age_s=3 * cfg.tenants_interval_s + cfg.tenants_timeout_s)
         if cfg.processes or cfg.pid_check == "auto":
             self.jobs["processes"] = Job("processes", self._processes, cfg.process_interval_s)
         self.jobs["nccl"] = Job("nccl", self._nccl, cfg.nccl_interval_s)
@@ -93,10 +97,13 @@ class FleetExporter:
             except (OSError, ValueError):
                 env = None
             url = url.replace("{ray_node_ip}", ray_node_ip(env))
-        res = query_ray(url, self.cfg.ray_command, self.cfg.ray_timeout_s)
+        res = query_ray(url, self.cfg.ray_command, self.cfg.ray_timeout_s, self.cfg.ray_token_file)
         if self.verdict is not None:  # only a successful query is evidence (a slow one is not)
             self.verdict.ray_result(res.nodes_alive)
         return res
+
+    def _tenants(self):
+        return read_tenants(self.cfg.tenants_url, self.cfg.tenants_timeout_s)
 
     def _processes(self):
         return scan(self.cfg.proc_root, self.cfg.processes, self.cfg.pid_check == "auto")
@@ -166,6 +173,7 @@ class FleetExporter:
         builders = {"health": self._collect_health, "canary": self._collect_canary,
                     "ray": self._collect_ray, "processes": self._collect_processes,
                     "nccl": self._collect_nccl, "nvml": self._collect_nvml,
+                    "tenants": self._collect_tenants,
                     "verdict": self._collect_verdict, "peers": lambda job, now: []}
         for name, job in self.jobs.items():
             res = job.last
@@ -255,6 +263,25 @@ class FleetExporter:
                 g.add_metric([], val)
                 out.append(g)
         return out
+
+    def _collect_tenants(self, job: Job, now: float) -> List[Metric]:
+        res = job.fresh(now)
+        if not (res and res.success):
+            return []
+        reqs = CounterMetricFamily(P + "tenant_requests",
+                                   "Requests of the tenant (API key) seen by this balancer.",
+                                   labels=["tenant"])
+        limited = CounterMetricFamily(P + "tenant_rate_limited",
+                                      "Requests of the tenant refused by its rate limit (429).",
+                                      labels=["tenant"])
+        rate = GaugeMetricFamily(P + "tenant_request_rate",
+                                 "Requests of the tenant in the balancer's rate-limit period.",
+                                 labels=["tenant"])
+        for tenant, c in sorted(res.value.items()):
+            reqs.add_metric([tenant], c.requests)
+            limited.add_metric([tenant], c.rate_limited)
+            rate.add_metric([tenant], c.rate)
+        return [reqs, limited, rate]
 
     def _collect_processes(self, job: Job, now: float) -> List[Metric]:
         if not self.cfg.processes:

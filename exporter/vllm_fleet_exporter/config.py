@@ -62,6 +62,15 @@ class Config:
     ray_expected_nodes: Optional[int] = None
     ray_expected_gpus: Optional[float] = None
     ray_expected_cpus: Optional[float] = None
+    # Ray token authentication: file holding the cluster's token (first line), sent as a bearer
+    # token to the dashboard (or to ray_command through RAY_AUTH_MODE / RAY_AUTH_TOKEN_PATH).
+    ray_token_file: str = ""
+
+    # Balancer hosts: per-tenant request counters of the front door (tenants.py), e.g.
+    # "http://127.0.0.1:8404/tenant-metrics". Empty: not read.
+    tenants_url: str = ""
+    tenants_interval_s: float = 15.0
+    tenants_timeout_s: float = 5.0
 
     # Engine process state from a /proc scan (see docs/monitoring.md for why not docker).
     processes: List[ProcessClass] = dataclasses.field(default_factory=list)
@@ -207,6 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ray-expected-nodes", type=int)
     p.add_argument("--ray-expected-gpus", type=float)
     p.add_argument("--ray-expected-cpus", type=float)
+    p.add_argument("--ray-token-file", help="file holding the Ray token (never pass the token)")
+    p.add_argument("--tenants-url", help="the balancer's /tenant-metrics URL (per-tenant counters)")
     p.add_argument("--process", dest="process_specs", action="append", metavar="NAME=REGEX",
                    help="count processes whose command line matches REGEX as NAME (repeatable)")
     p.add_argument("--process-interval-s", type=float)

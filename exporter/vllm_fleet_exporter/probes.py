@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import subprocess
 import time
 import urllib.error
@@ -159,13 +160,24 @@ def parse_ray_nodes(data: Any) -> RayState:
     return RayState(alive, dead, gpus, cpus)
 
 
-def query_ray(url: str, command: List[str], timeout_s: float) -> RayState:
+def query_ray(url: str, command: List[str], timeout_s: float, token_file: str = "") -> RayState:
+    """Ray's node list from the dashboard's state API (or a command). With a token file (Ray token
+    authentication) the token goes as a bearer token; a command gets RAY_AUTH_MODE=token and the
+    file's path, so the token never appears on a command line."""
     if command:
+        env = None
+        if token_file:
+            env = dict(os.environ, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=token_file)
+            env.pop("RAY_AUTH_TOKEN", None)
         out = subprocess.run(command, capture_output=True, timeout=timeout_s, check=True,
-                             stdin=subprocess.DEVNULL)
+                             stdin=subprocess.DEVNULL, env=env)
         return parse_ray_nodes(json.loads(out.stdout))
+    headers = {"User-Agent": USER_AGENT}
+    if token_file:
+        with open(token_file, encoding="utf-8") as fh:  # re-read: rotation needs no restart
+            headers["Authorization"] = "Bearer " + fh.readline().strip()
     req = urllib.request.Request(url.rstrip("/") + "/api/v0/nodes?limit=10000&detail=true",
-                                 headers={"User-Agent": USER_AGENT})
+                                 headers=headers)
     with urllib.request.urlopen(req, timeout=timeout_s) as resp:
         return parse_ray_nodes(json.loads(resp.read(16 << 20)))
 

@@ -57,6 +57,7 @@ class StubState:
         self.auth_seen: list = []
         self.chat_requests: list = []
         self.ray_nodes: list = []
+        self.ray_token = ""  # like a Ray dashboard with token authentication (RAY_AUTH_MODE=token)
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -83,6 +84,9 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(self.st.health_status, b"")
         elif self.path == "/v1/models":
             self._send(200, json.dumps({"data": [{"id": "tiny-llama"}]}).encode())
+        elif self.path.startswith("/api/v0/nodes") and self.st.ray_token and \
+                self.headers.get("Authorization") != f"Bearer {self.st.ray_token}":
+            self._send(401 if not self.headers.get("Authorization") else 403, b"Unauthorized")
         elif self.path.startswith("/api/v0/nodes"):
             self._send(200, json.dumps({"result": True, "msg": "", "data": {"result": {
                 "total": len(self.st.ray_nodes), "result": self.st.ray_nodes}}}).encode())

@@ -73,7 +73,7 @@ def exporter(engine, ray_cluster, tmp_path_factory):
                        ray_url="http://{ray_node_ip}:%d" % head.dashboard_port, ray_node_ip=head.ip,
                        api_key=KEY, ray_expected_nodes=2, ray_expected_gpus=0, ray_expected_cpus=2,
                        processes=HEAD_PROCESSES, proc_root=str(_proc_root(tmp, pids)),
-                       canary_timeout_s=300, health_timeout_s=30)
+                       canary_timeout_s=300, health_timeout_s=30, ray_token_file=head.token_file)
     proc = run_exporter(["--config", str(setup["config"])], env=dict(setup["env"]))
     try:
         wait_for(lambda: scrape_url(setup["url"], timeout=60), 120)

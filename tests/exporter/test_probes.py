@@ -5,6 +5,7 @@ probes against the real engine and Ray: test_exporter_engine.py (engine tier).""
 import json
 import sys
 import threading
+import urllib.error
 
 import pytest
 from exporter_testlib import free_port
@@ -73,6 +74,22 @@ def test_ray_dashboard_api_with_gpu_and_dead_nodes(stub_engine):
     stub_engine.state.ray_nodes = NODES
     r = query_ray(stub_engine.url, [], 30)
     assert (r.nodes_alive, r.nodes_dead, r.gpus, r.cpus) == (2, 1, 4.0, 16.0)
+
+
+def test_ray_dashboard_with_token_authentication(stub_engine, tmp_path):
+    stub_engine.state.ray_nodes, stub_engine.state.ray_token = NODES, "cluster-token-0123456789"
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        query_ray(stub_engine.url, [], 30)
+    assert refused.value.code == 401
+    token = tmp_path / "ray-token"
+    token.write_text("cluster-token-0123456789\n")
+    r = query_ray(stub_engine.url, [], 30, token_file=str(token))
+    assert r.nodes_alive == 2
+    # a command (ray list nodes) gets the file's path and the mode, never the token itself
+    env_dump = [sys.executable, "-c", "import json, os; print(json.dumps([{'state': 'ALIVE', 'resources_total': "
+                "{'CPU': float(os.environ['RAY_AUTH_MODE'] == 'token' and os.environ['RAY_AUTH_TOKEN_PATH'] == "
+                f"{str(token)!r})}}}}]))"]
+    assert query_ray("", env_dump, 60, token_file=str(token)).cpus == 1.0
 
 
 def test_ray_command_output(tmp_path):

@@ -11,12 +11,15 @@ import os
 import re
 import shlex
 import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "tools"))
+import fleet_endpoint  # noqa: E402  (where clients connect: the front door, a head; key and CA files)
 LAB_DIR = REPO / ".lab"
 INVENTORY = LAB_DIR / "inventory.ini"
 RECAP_RE = re.compile(r"^(\S+)\s+:\s+ok=(\d+)\s+changed=(\d+)\s+unreachable=(\d+)\s+failed=(\d+)", re.M)
@@ -90,6 +93,29 @@ def lab():
             "serving": groups.get("fleet_head", []) + groups.get("fleet_workers", [])}
 
 
+def head_api(lab: dict, head: str) -> dict:
+    """A head's own API: {url (…/v1), key (the engine key; '' without API auth), model}. The lab's
+    firewall lets the controller in (firewall_api_sources)."""
+    h = fleet_endpoint.head(INVENTORY, lab["inventory_vars"], head)
+    return dict(h, key=fleet_endpoint.read_key(h["key_file"]))
+
+
+def first_replica(lab: dict) -> dict:
+    """The first head, its replica's serving hosts (head first) and the deployment's name."""
+    hostvars = lab["inventory_vars"]["_meta"]["hostvars"]
+    head = lab["groups"]["fleet_head"][0]
+    hv = hostvars[head]
+    members = [h for h in lab["serving"] if hostvars[h].get("fleet_replica") == hv.get("fleet_replica")]
+    return {"head": head, "members": members, "hostvars": hostvars,
+            "deployment": hv.get("fleet_deployment", "vllm-fleet")}
+
+
+def front_door(lab: dict, tenant: str = "") -> dict:
+    """The balancer: {url (https://…/v1), ca_file (the lab CA), key_file and key of the tenant, model}."""
+    door = fleet_endpoint.front_door(INVENTORY, lab["inventory_vars"], tenant)
+    return dict(door, key=fleet_endpoint.read_key(door["key_file"]))
+
+
 def am_silence(lab, matchers: dict[str, str], comment: str, minutes: int = 240) -> tuple[str, str]:
     """A real Alertmanager silence on the lab's monitoring host: (Alertmanager URL, silence id)."""
     import time
@@ -114,6 +140,22 @@ def am_unsilence(url: str, silence_id: str) -> None:
                            timeout=30).close()
 
 
+def am_lift_test_silences(url: str, matchers: dict[str, str]) -> list[str]:
+    """Expire every silence these tests made (createdBy tests/lab) with exactly these matchers,
+    also ones an earlier, interrupted session left: Alertmanager restores silences from its last
+    snapshot after a restart, so a silence lifted before the restart can come back. Returns the
+    ids lifted."""
+    import urllib.request
+    with urllib.request.urlopen(f"{url}/api/v2/silences", timeout=30) as r:
+        silences = json.loads(r.read())
+    want = {(k, v) for k, v in matchers.items()}
+    ours = [s["id"] for s in silences if s.get("createdBy") == "tests/lab" and s["status"]["state"] != "expired"
+            and {(m["name"], m["value"]) for m in s["matchers"]} == want]
+    for silence_id in ours:
+        am_unsilence(url, silence_id)
+    return ours
+
+
 @pytest.fixture(scope="session")
 def deployed_lab(lab):
     """deploy.yml run once on the lab for the whole session; later tests read the result.
@@ -132,9 +174,9 @@ def deployed_lab(lab):
     # injecting faults would do; tests/lab/test_hang.py lifts it for the faults it wants healed.
     deployment = lab["inventory_vars"]["_meta"]["hostvars"][lab["groups"]["fleet_head"][0]].get(
         "fleet_deployment", "vllm-fleet")
-    url, silence_id = am_silence(lab, {"alertname": "VllmFleetReplicaUnhealthy", "fleet_deployment": deployment},
-                                 "lab tests break replicas on purpose")
-    deployed = dict(lab, first_run=first, heal_silence=(url, silence_id), deployment=deployment)
+    heal_page = {"alertname": "VllmFleetReplicaUnhealthy", "fleet_deployment": deployment}
+    url, silence_id = am_silence(lab, heal_page, "lab tests break replicas on purpose")
+    deployed = dict(lab, first_run=first, heal_silence=(url, silence_id), heal_page=heal_page, deployment=deployment)
     yield deployed
     try:  # the current silence (test_hang makes a new one after its own)
         am_unsilence(*deployed["heal_silence"])
@@ -142,12 +184,14 @@ def deployed_lab(lab):
         pass
 
 
-# The lab tier shares one deployed lab: read-only checks first, then tests that restart replicas,
+# The lab tier shares one deployed lab: read-only checks first (test_security switches the firewall
+# off and on and tears down deployments of its own only), then tests that restart replicas,
 # then the fault tests that kill, cut and restart things (each repairs what it broke).
 # test_model runs after the re-run checks (test_provision, test_serve): its model stage runs for
 # another model path rewrite the fan-out's keys, which the next full deploy.yml puts back (changed).
-LAB_MODULE_ORDER = ["test_lab", "test_provision", "test_serve", "test_monitoring", "test_model", "test_verdict",
-                    "test_rolling_restart", "test_hang", "test_faults"]
+LAB_MODULE_ORDER = ["test_lab", "test_provision", "test_serve", "test_monitoring", "test_security", "test_model",
+                    "test_verdict",
+                    "test_rolling_restart", "test_hang", "test_faults", "test_teardown"]
 
 
 def pytest_collection_modifyitems(items):

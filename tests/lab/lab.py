@@ -4,6 +4,8 @@
     python3 tests/lab/lab.py up [--hosts N]   create (or repair) the lab, write .lab/inventory.ini
     python3 tests/lab/lab.py status           hosts, addresses, SSH reachability
     python3 tests/lab/lab.py ssh HOST [CMD]   SSH into a lab host as the deploy user
+    python3 tests/lab/lab.py scanner          a container with nmap on the management network (no
+                                              cluster host) for port scans; `down` removes it
     python3 tests/lab/lab.py down [--purge]   remove every container, volume and network it made
                                               (--purge also removes the cached base image)
 
@@ -14,8 +16,9 @@ Host 3's fabric NIC is renamed so interface detection is never "eth1 everywhere"
 
 Layout (inventory written by `up`): replica `a` = node1 (head) + node2 + node3, serving PP=2 on
 node1+node2 across hosts (node3 is a Ray worker of that replica); with 4+ hosts a second replica `b`
-= node4 (head) + node5.. (PP=2 when it has two hosts, else TP=2 inside node4); node3 also runs Prometheus and,
-with two replicas, the HAProxy balancer in front of them. `--hosts 3` gives one replica, no balancer.
+= node4 (head) + node5.. (PP=2 when it has two hosts, else TP=2 inside node4); node3 also runs Prometheus and
+the HAProxy balancer in front of the replicas. `--hosts 3` gives one replica (node1 + node2, PP=2)
+behind node3, which then only runs the balancer and Prometheus.
 """
 from __future__ import annotations
 
@@ -32,6 +35,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 STATE_DIR = Path(os.environ.get("FLEETLAB_DIR", REPO / ".lab"))
 BASE_IMAGE = "vllm-fleet/debian-base:bookworm"
+SCANNER_IMAGE = "vllm-fleet/lab-scanner:bookworm"  # the base + nmap from Debian
 # A second lab (tests of the lab itself) uses another prefix and subnet pair.
 PREFIX = os.environ.get("FLEETLAB_PREFIX", "fleetlab")
 _NET = int(os.environ.get("FLEETLAB_NET_INDEX", "10"))  # mgmt 172.28.N.0/24, fabric 172.28.N+10.0/24
@@ -74,6 +78,11 @@ def host_name(index: int) -> str:
 
 def container_name(index: int) -> str:
     return f"{PREFIX}-{host_name(index)}"
+
+
+def controller_ip() -> str:
+    """This machine on the management network (the bridge's gateway): the lab's controller."""
+    return f"{MGMT_PREFIX}1"
 
 
 def mgmt_ip(index: int) -> str:
@@ -270,6 +279,36 @@ def ssh_command(index: int, key: Path, *remote: str) -> list[str]:
             f"{DEPLOY_USER}@{mgmt_ip(index)}", *remote]
 
 
+def scanner_name() -> str:
+    return f"{PREFIX}-scanner"
+
+
+def scanner_ip() -> str:
+    """A machine on the management network that is no cluster host (and not the controller)."""
+    return f"{MGMT_PREFIX}250"
+
+
+def ensure_scanner() -> str:
+    """A container with nmap (Debian's) on the management network, for port scans from outside the
+    cluster. Built once from the lab's base image; idempotent. Returns its name."""
+    if not image_exists(SCANNER_IMAGE):
+        ensure_base_image()
+        log(f"building {SCANNER_IMAGE} (nmap from Debian)")
+        with tempfile.TemporaryDirectory(prefix="fleetlab-scanner-") as ctx:
+            Path(ctx, "Dockerfile").write_text(
+                f"FROM {BASE_IMAGE}\nRUN apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "
+                "--no-install-recommends nmap curl ca-certificates python3 && rm -rf /var/lib/apt/lists/*\n"
+                'CMD ["sleep", "infinity"]\n')
+            run(["docker", "build", "-q", "-t", SCANNER_IMAGE, ctx], timeout=900)
+    state = container_state(scanner_name())
+    if state is None:
+        run(["docker", "run", "-d", "--name", scanner_name(), "--label", LABEL, "--network", MGMT_NET,
+             "--ip", scanner_ip(), SCANNER_IMAGE, "sleep", "infinity"])
+    elif state != "running":
+        run(["docker", "start", scanner_name()])
+    return scanner_name()
+
+
 # --- inventory -----------------------------------------------------------------------------
 
 def inventory_text(count: int, key: Path) -> str:
@@ -292,19 +331,31 @@ def inventory_text(count: int, key: Path) -> str:
             # The in-band all-reduce probe every 20 engine steps (default 1000): the lab's few
             # requests then feed the probe-based latency panels and rules.
             env["VLLM_FLEET_PROBE_EVERY_STEPS"] = "20"
+        # The controller (the lab's gateway) stands for the operators' workstation: the firewall lets
+        # it reach the heads' API, the exporters (/verdict) and Prometheus/Alertmanager directly (the
+        # lab tests and benchmarks/hang_detection.py do); a scanner elsewhere on the management
+        # network gets only SSH and the front door.
+        line += "".join(f" firewall_{kind}_sources='[\"{controller_ip()}\"]'"
+                        for kind in ("api", "exporter", "prometheus"))
         if i == 3:
+            # two tenants on the balancer: "lab" for the tests and loadgen, "lab-limited" (3 requests
+            # per 10 s) to show a rate limit; their keys are generated in .lab/fleet-secrets/
+            line += """ loadbalancer_api_keys='[{"name": "lab"}, {"name": "lab-limited", "rate_limit": 3}]'"""
             # People's receiver on the lab: a webhook to the controller (the management network's
             # gateway), where the hang tests listen; Alertmanager retries while nobody does.
             sink = [{"name": "lab-sink", "webhook_configs": [
-                {"url": f"http://{MGMT_PREFIX}1:{ALERT_SINK_PORT}/alerts"}]}]
+                {"url": f"http://{controller_ip()}:{ALERT_SINK_PORT}/alerts"}]}]
             line += f" alerting_receivers='{json.dumps(sink)}'"
         # Dicts and booleans on host lines: INI [group:vars] values are always strings.
         return line + f" vllm_serve_env='{json.dumps(env)}' fleet_gpu_less=True"
 
     heads = [1] + second[:1]
-    workers = "\n".join(host_line(i) for i in range(2, count + 1) if i not in heads)
-    balancer = host_name(3) if second else ""
-    replicas = "two replicas behind a balancer" if second else "one replica"
+    # With 3 hosts, node3 serves nothing (balancer + monitoring only): a dedicated front-door host,
+    # and one serving image fewer to copy on a machine shared by several labs.
+    dedicated = count == 3
+    workers = "\n".join(host_line(i) for i in range(2, count + 1) if i not in heads and not (dedicated and i == 3))
+    balancer = host_name(3)
+    replicas = "two replicas behind a balancer" if second else "one replica behind a balancer"
     return f"""# Written by tests/lab/lab.py for the local lab ({count} container hosts, {replicas}). Do not edit.
 [fleet_head]
 {chr(10).join(host_line(i) for i in heads)}
@@ -317,7 +368,7 @@ fleet_head
 fleet_workers
 
 [fleet_monitoring]
-{host_name(3)}
+{host_line(3) if dedicated else host_name(3)}
 
 [fleet_loadbalancer]
 {balancer}
@@ -342,6 +393,8 @@ fleet_max_model_len=512
 fleet_api_port=8009
 # Tagged after the lab's prefix: labs side by side on one machine build on the same Docker engine.
 fleet_image=vllm-fleet-cpu:{PREFIX}
+# Tenant keys at the front door and an engine key on the replicas, as on the cuda engine by default.
+fleet_api_auth=on
 # Short intervals so a dead engine shows (and alerts) within seconds on the lab.
 exporter_health_interval=2
 monitoring_scrape_interval=5s
@@ -411,6 +464,7 @@ def cmd_down(args: argparse.Namespace) -> int:
         log("no Docker engine: nothing to remove")
         return 0
     names = run(["docker", "ps", "-aq", "--filter", f"name=^{PREFIX}-node"]).stdout.split()
+    names += run(["docker", "ps", "-aq", "--filter", f"name=^{scanner_name()}$"]).stdout.split()
     if names:
         run(["docker", "rm", "-f", "-v", *names], timeout=300)
     volumes = [v for v in run(["docker", "volume", "ls", "-q"]).stdout.split() if v.startswith(f"{PREFIX}-node")]
@@ -469,6 +523,8 @@ def main(argv: list[str] | None = None) -> int:
     down.add_argument("--purge", action="store_true", help="also remove the cached base image")
     down.set_defaults(func=cmd_down)
     sub.add_parser("status", help="show hosts and SSH reachability").set_defaults(func=cmd_status)
+    sub.add_parser("scanner", help="start the nmap container on the management network").set_defaults(
+        func=lambda _a: (print(ensure_scanner()), 0)[1])
     ssh = sub.add_parser("ssh", help="SSH into a lab host")
     ssh.add_argument("host")
     ssh.add_argument("command", nargs=argparse.REMAINDER)

@@ -21,7 +21,7 @@ import urllib.request
 
 import pytest
 
-from tests.lab.conftest import run_playbook
+from tests.lab.conftest import first_replica, head_api, run_playbook
 from tests.lab.lab import cut_fabric, fabric_ip, restore_fabric
 from tests.lab.test_monitoring import chat as monitoring_chat
 from tests.lab.test_monitoring import prometheus_of, wait_for
@@ -33,15 +33,12 @@ pytestmark = pytest.mark.day2
 
 @pytest.fixture(scope="module")
 def fleet(deployed_lab):
-    hostvars = deployed_lab["inventory_vars"]["_meta"]["hostvars"]
-    head = deployed_lab["groups"]["fleet_head"][0]
-    hv = hostvars[head]
-    members = [h for h in deployed_lab["serving"] if hostvars[h].get("fleet_replica") == hv.get("fleet_replica")]
-    deployment = hv.get("fleet_deployment", "vllm-fleet")
+    r = first_replica(deployed_lab)
+    head, members, deployment = r["head"], r["members"], r["deployment"]
+    api = head_api(deployed_lab, head)
     return dict(deployed_lab, head=head, rank1=members[1], members=members, prom=prometheus_of(deployed_lab),
-                vllm=f"{deployment}-vllm", ray=f"{deployment}-ray",
-                model=hv.get("fleet_served_model_name") or hv["fleet_model_path"],
-                url=f"http://{deployed_lab['hosts'][head].address}:{hv.get('fleet_api_port', 8000)}")
+                key=api["key"], vllm=f"{deployment}-vllm", ray=f"{deployment}-ray", model=api["model"],
+                url=api["url"].removesuffix("/v1"))
 
 
 def healthy(url: str) -> bool:
@@ -53,7 +50,8 @@ def healthy(url: str) -> bool:
 
 
 def chat(fleet, max_tokens=8, timeout=60) -> int:
-    return monitoring_chat(f"{fleet['url']}/v1", fleet["model"], max_tokens=max_tokens, timeout=timeout)
+    return monitoring_chat(f"{fleet['url']}/v1", fleet["model"], max_tokens=max_tokens, timeout=timeout,
+                           key=fleet["key"])
 
 
 def engine_up(fleet, host) -> list:
@@ -86,7 +84,8 @@ def stream_in_background(fleet, max_tokens=400):
         body = json.dumps({"model": fleet["model"], "max_tokens": max_tokens, "stream": True, "ignore_eos": True,
                            "messages": [{"role": "user", "content": "a long answer please"}]}).encode()
         req = urllib.request.Request(f"{fleet['url']}/v1/chat/completions", data=body,
-                                     headers={"Content-Type": "application/json"})
+                                     headers={"Content-Type": "application/json",
+                                              **({"Authorization": f"Bearer {fleet['key']}"} if fleet["key"] else {})})
         try:
             with urllib.request.urlopen(req, timeout=120) as r:
                 for line in r:

@@ -19,7 +19,7 @@ import sys
 
 import pytest
 
-from tests.lab.conftest import INVENTORY, REPO, am_silence, am_unsilence
+from tests.lab.conftest import INVENTORY, REPO, am_lift_test_silences, am_silence
 
 pytestmark = pytest.mark.day2
 
@@ -49,12 +49,12 @@ CI_MODES = {"stop-worker"}
 @pytest.fixture
 def healing_on(deployed_lab):
     """Lift the lab tier's silence of the hung-replica page for this test (conftest.deployed_lab)."""
-    url, silence_id = deployed_lab["heal_silence"]
-    am_unsilence(url, silence_id)
+    url, _ = deployed_lab["heal_silence"]
+    # every silence of the page these tests made, not only this session's (am_lift_test_silences)
+    assert am_lift_test_silences(url, deployed_lab["heal_page"]), "the lab tier's silence was not active"
     yield
-    deployed_lab["heal_silence"] = am_silence(
-        deployed_lab, {"alertname": "VllmFleetReplicaUnhealthy", "fleet_deployment": deployed_lab["deployment"]},
-        "lab tests break replicas on purpose")
+    deployed_lab["heal_silence"] = am_silence(deployed_lab, deployed_lab["heal_page"],
+                                              "lab tests break replicas on purpose")
 
 
 @pytest.mark.parametrize("mode,max_out", [pytest.param(m, t, id=m, marks=[pytest.mark.lab] if m in CI_MODES else [])

@@ -13,6 +13,7 @@ import urllib.request
 import pytest
 
 from tests.grafana_panels import panel_queries
+from tests.lab.conftest import head_api
 
 pytestmark = pytest.mark.lab
 
@@ -50,12 +51,12 @@ def prometheus_of(lab: dict) -> Prometheus:
     return Prometheus(f"http://{lab['hosts'][host].address}:{hv.get('fleet_prometheus_port', 9090)}")
 
 
-def chat(base_url: str, model: str, max_tokens: int = 8, timeout: float = 120) -> int:
+def chat(base_url: str, model: str, max_tokens: int = 8, timeout: float = 120, key: str = "") -> int:
     """One chat completion through the OpenAI API at base_url (…/v1); its completion tokens."""
     body = json.dumps({"model": model, "max_tokens": max_tokens,
                        "messages": [{"role": "user", "content": "hello monitoring"}]}).encode()
-    req = urllib.request.Request(f"{base_url}/chat/completions", data=body,
-                                 headers={"Content-Type": "application/json"})
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
+    req = urllib.request.Request(f"{base_url}/chat/completions", data=body, headers=headers)
     with urllib.request.urlopen(req, timeout=timeout) as r:
         tokens = json.load(r)["usage"]["completion_tokens"]
     assert tokens > 0
@@ -65,12 +66,10 @@ def chat(base_url: str, model: str, max_tokens: int = 8, timeout: float = 120) -
 @pytest.fixture(scope="module")
 def monitored(deployed_lab):
     prom = prometheus_of(deployed_lab)
-    hostvars = deployed_lab["inventory_vars"]["_meta"]["hostvars"]
     for head in deployed_lab["groups"]["fleet_head"]:  # traffic on every replica: vLLM's own histograms
-        hv = hostvars[head]
-        url = f"http://{deployed_lab['hosts'][head].address}:{hv.get('fleet_api_port', 8000)}/v1"
+        api = head_api(deployed_lab, head)
         for _ in range(4):
-            chat(url, hv.get("fleet_served_model_name") or hv["fleet_model_path"])
+            chat(api["url"], api["model"], key=api["key"])
     return dict(deployed_lab, prom=prom)
 
 

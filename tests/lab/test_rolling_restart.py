@@ -17,9 +17,8 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
 
-from tests.lab.conftest import INVENTORY, REPO, run_playbook
+from tests.lab.conftest import INVENTORY, REPO, front_door, run_playbook
 
 # The whole module is day-2 (make test-day2); the rolling restart under load also runs in the lab
 # tier, i.e. in `make test` and CI (README: Tests).
@@ -42,12 +41,10 @@ def fleet(deployed_lab):
         replicas.setdefault(hostvars[h].get("fleet_replica", "main"), []).append(h)
     head_of = {hostvars[h].get("fleet_replica", "main"): h for h in heads}
     lb = balancers[0]
-    defaults = yaml.safe_load((REPO / "roles/loadbalancer/defaults/main.yml").read_text())
-    port = hostvars[lb].get("loadbalancer_frontend_port", defaults["loadbalancer_frontend_port"])
     deployment = hostvars[heads[0]].get("fleet_deployment", "vllm-fleet")
-    url = f"http://{hostvars[lb].get('ansible_host', lb)}:{port}/v1"
-    return dict(deployed_lab, replicas=replicas, head_of=head_of, lb=lb, url=url, deployment=deployment,
-                model=hostvars[heads[0]].get("fleet_served_model_name", ""))
+    door = front_door(deployed_lab)  # https with the lab CA, the "lab" tenant's key file
+    return dict(deployed_lab, replicas=replicas, head_of=head_of, lb=lb, url=door["url"], door=door,
+                deployment=deployment, model=hostvars[heads[0]].get("fleet_served_model_name", ""))
 
 
 def haproxy_servers(fleet) -> dict[str, str]:
@@ -70,7 +67,9 @@ def start_load(fleet, tmp_path: Path, name: str, duration: float = 1800) -> tupl
     the 2-core lab machine a busy replica starves the restarting one (its Ray head must register
     within Ray's fixed 30 s); the point here is that no request fails, not throughput."""
     out = tmp_path / f"{name}.json"
+    door = fleet["door"]
     proc = subprocess.Popen([sys.executable, str(LOADGEN), "--base-url", fleet["url"], "--model", fleet["model"],
+                             "--api-key-file", door["key_file"], "--ca-file", door["ca_file"],
                              "--requests", "100000", "--duration", str(duration), "--concurrency", "1",
                              "--think-time", "1", "--max-tokens", "8", "--timeout", "120", "--json", str(out)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

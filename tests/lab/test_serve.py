@@ -19,7 +19,7 @@ import time
 
 import pytest
 
-from tests.lab.conftest import REPO, run_playbook
+from tests.lab.conftest import REPO, head_api, run_playbook
 
 pytestmark = pytest.mark.lab
 
@@ -33,11 +33,12 @@ def fleet(deployed_lab):
     replica = hv.get("fleet_replica", "main")
     members = [h for h in deployed_lab["serving"] if inv["_meta"]["hostvars"][h].get("fleet_replica", "main") == replica]
     deployment = hv.get("fleet_deployment", "vllm-fleet")
-    return dict(deployed_lab, head=head, members=members, worker=members[-1],
+    api = head_api(deployed_lab, head)
+    return dict(deployed_lab, head=head, members=members, worker=members[-1], api_key=api["key"] or "none",
                 image=hv.get("fleet_image", "vllm-fleet:latest"), model_path=hv["fleet_model_path"],
                 model=hv.get("fleet_served_model_name") or hv["fleet_model_path"],
                 ray=f"{deployment}-ray", vllm=f"{deployment}-vllm",
-                base_url=f"http://{deployed_lab['hosts'][head].address}:{hv.get('fleet_api_port', 8000)}/v1")
+                base_url=api["url"])
 
 
 def ssh(fleet, host, cmd, check=True, timeout=120):
@@ -52,7 +53,7 @@ def play(*args, timeout=3600):
 def chat(fleet, stream=False, max_tokens=8):
     from openai import OpenAI
 
-    client = OpenAI(base_url=fleet["base_url"], api_key="none", timeout=60, max_retries=0)
+    client = OpenAI(base_url=fleet["base_url"], api_key=fleet["api_key"], timeout=60, max_retries=0)
     msgs = [{"role": "user", "content": "hello cluster"}]
     if not stream:
         r = client.chat.completions.create(model=fleet["model"], messages=msgs, max_tokens=max_tokens)

@@ -73,6 +73,21 @@ def test_ray_head_binds_node_ip_everywhere():
     assert env["RAY_NODE_IP_ADDRESS"] == "172.28.20.11" and head == "172.28.20.11"
 
 
+def test_ray_node_with_token_auth_needs_a_readable_token_file(tmp_path):
+    env = {"FLEET_RAY_NODE_IP": "172.28.20.11", "RAY_AUTH_MODE": "token",
+           "RAY_AUTH_TOKEN_PATH": str(tmp_path / "missing"), "HOME": str(tmp_path)}
+    with pytest.raises(ValueError, match=f"token file {tmp_path / 'missing'} cannot be read"):
+        ray_cmd(["--head"], env)
+    (tmp_path / "empty").write_text("\n")
+    with pytest.raises(ValueError, match="is empty"):
+        ray_cmd(["--head"], dict(env, RAY_AUTH_TOKEN_PATH=str(tmp_path / "empty")))
+    (tmp_path / "token").write_text("t0ken" * 8)
+    argv, out_env, _, _ = ray_cmd(["--head"], dict(env, RAY_AUTH_TOKEN_PATH=str(tmp_path / "token")))
+    # the token stays in its file: Ray reads it there, it is never put in the environment
+    assert out_env["RAY_AUTH_MODE"] == "token" and "RAY_AUTH_TOKEN" not in out_env
+    assert "t0ken" not in " ".join(argv)
+
+
 def test_ray_node_ip_falls_back_to_vllm_host_ip_and_file(tmp_path):
     p = tmp_path / "fabric.env"
     p.write_text("VLLM_HOST_IP=172.28.20.12\n")

@@ -1,4 +1,5 @@
 """Stale-state cleanup: ownership rules proven with real /dev/shm objects, sockets and processes."""
+import json
 import os
 import signal
 import socket
@@ -12,55 +13,88 @@ import pytest
 from conftest import child_env
 from vllm_fleet import cleanup
 
-# A process that creates a real SharedMemory segment (psm_*) and a real POSIX semaphore
-# (/dev/shm/sem.*), keeps both mapped, prints their paths, then sleeps until killed. It unregisters
-# the segment from multiprocessing's resource tracker, so SIGKILL leaks it exactly like vLLM's.
+# A process of launch LAUNCH (env) that creates a real SharedMemory segment through the plugin's
+# recording hook, plus an unrecorded segment of the same kind and a NCCL-style file (what another
+# program leaves in /dev/shm), keeps them mapped, prints their paths, then sleeps until killed. It
+# unregisters the segments from multiprocessing's resource tracker, so SIGKILL leaks them exactly
+# like vLLM's.
 OWNER = r"""
-import ctypes, ctypes.util, os, sys, time, uuid
+import os, sys, time, uuid
 from multiprocessing import shared_memory, resource_tracker
-shm = shared_memory.SharedMemory(create=True, size=4096)
-resource_tracker.unregister(shm._name, "shared_memory")
-lib = ctypes.CDLL(ctypes.util.find_library("pthread") or "libc.so.6", use_errno=True)
-lib.sem_open.restype = ctypes.c_void_p
-lib.sem_open.argtypes = [ctypes.c_char_p, ctypes.c_int, ctypes.c_uint, ctypes.c_uint]
-name = "fleettest" + uuid.uuid4().hex[:12]
-assert lib.sem_open(("/" + name).encode(), os.O_CREAT, 0o600, 1)
-print("/dev/shm/" + shm.name, "/dev/shm/sem." + name, flush=True)
+from vllm_fleet import plugin, state
+state.register_member()
+plugin._record_shm_segments()
+rec = shared_memory.SharedMemory(create=True, size=4096)
+resource_tracker.unregister(rec._name, "shared_memory")
+orig = shared_memory.SharedMemory.__init__.__wrapped__  # vLLM's unwrapped call: not recorded
+unrec = shared_memory.SharedMemory.__new__(shared_memory.SharedMemory)
+orig(unrec, None, True, 4096)
+resource_tracker.unregister(unrec._name, "shared_memory")
+nccl = "/dev/shm/nccl-" + uuid.uuid4().hex[:8]
+with open(nccl, "wb") as fh:
+    fh.write(b"x" * 4096)
+print("/dev/shm/" + rec.name, "/dev/shm/" + unrec.name, nccl, flush=True)
 time.sleep(600)
 """
 
 
-def _start_owner():
-    p = subprocess.Popen([sys.executable, "-c", OWNER], stdout=subprocess.PIPE, text=True)
+def _start_owner(state_dir, deployment, launch):
+    env = child_env(VLLM_FLEET_STATE_DIR=state_dir, VLLM_FLEET_DEPLOYMENT=deployment,
+                    VLLM_FLEET_LAUNCH_ID=launch)
+    p = subprocess.Popen([sys.executable, "-c", OWNER], stdout=subprocess.PIPE, text=True, env=env)
     paths = p.stdout.readline().split()
-    assert len(paths) == 2 and all(os.path.exists(x) for x in paths), paths
+    assert len(paths) == 3 and all(os.path.exists(x) for x in paths), paths
     return p, paths
 
 
-def test_shm_and_semaphores_of_dead_owner_removed_live_owner_kept():
-    live, live_paths = _start_owner()
-    dead, dead_paths = _start_owner()
+def test_only_recorded_segments_of_dead_launches_of_this_deployment_are_removed(state_dir):
+    """Deployment x, launch x-old killed -9: its recorded segment goes. Kept: its unrecorded
+    segment and the NCCL-style file (not provably ours), deployment x-y's recorded segment of a
+    killed launch (x is a prefix of x-y), and the recorded segment of x's live launch."""
+    from vllm_fleet import ownership
+
+    owners, paths = {}, {}
     try:
-        dead.send_signal(signal.SIGKILL)
-        dead.wait(10)
-        assert all(os.path.exists(x) for x in dead_paths)  # leaked, like a kill -9'd vLLM
-        stale = cleanup.stale_shm("/dev/shm", cleanup.files_in_use(), 0.0, time.time())
-        for path in dead_paths:
-            assert path in stale
-        for path in live_paths:
-            assert path not in stale, "segment of a live process must never be removed"
-        # grace period: a just-created segment survives even without an owner we can see
-        assert not set(dead_paths) & set(
-            cleanup.stale_shm("/dev/shm", set(), 3600.0, time.time()))
-        cleanup._remove([p for p in stale if p in dead_paths], dry_run=False)
-        assert not any(os.path.exists(x) for x in dead_paths)
-        assert all(os.path.exists(x) for x in live_paths)
+        for key, dep, launch in (("dead", "x", "x-1-aaaaaa"), ("live", "x", "x-2-bbbbbb"),
+                                 ("other", "x-y", "x-y-3-cccccc")):
+            owners[key], paths[key] = _start_owner(state_dir, dep, launch)
+        for key in ("dead", "other"):
+            owners[key].send_signal(signal.SIGKILL)
+            owners[key].wait(10)
+        assert all(os.path.exists(p) for ps in paths.values() for p in ps)  # leaked, like vLLM's
+        found = ownership.removable_segments(str(state_dir), "x", own_launch="x-9-new")
+        assert [seg for seg, _ in found] == [paths["dead"][0]]
+        report = cleanup.run(env=dict(os.environ, VLLM_FLEET_STATE_DIR=str(state_dir),
+                                      VLLM_FLEET_DEPLOYMENT="x", VLLM_FLEET_LAUNCH_ID="x-9-new"))
+        assert report["shm"] == [paths["dead"][0]] and not os.path.exists(paths["dead"][0])
+        assert not (state_dir / "launches" / "x-1-aaaaaa" / "shm" / os.path.basename(paths["dead"][0])).exists()
+        for p in paths["dead"][1:] + paths["live"] + paths["other"]:
+            assert os.path.exists(p), f"{p} is not provably a dead launch's of deployment x"
     finally:
-        live.kill()
-        live.wait(10)
-        for path in live_paths + dead_paths:
-            if os.path.exists(path):
-                os.unlink(path)
+        for p in owners.values():
+            p.kill()
+            p.wait(10)
+        for p in [p for ps in paths.values() for p in ps]:
+            if os.path.exists(p):
+                os.unlink(p)
+
+
+def test_members_of_another_pid_namespace_are_never_judged_by_their_pid(state_dir):
+    """A record from another pid namespace (a Ray worker's, seen from the API server's container)
+    cannot be judged here: its launch counts as alive, its segments stay."""
+    from vllm_fleet import ownership
+
+    launch = state_dir / "launches" / "x-1-aaaaaa"
+    (launch / "members").mkdir(parents=True)
+    (launch / "members" / "999999").write_text(json.dumps({
+        "pid": 999999, "start_ticks": 1, "pid_ns": "pid:[1]", "launch_id": "x-1-aaaaaa",
+        "deployment": "x"}))
+    judge = ownership.Judge()
+    assert judge.process({"pid": 999999, "start_ticks": 1, "pid_ns": "pid:[1]"}) in ("unknown", "dead")
+    if not judge.everything:  # in a container's pid namespace: never "dead"
+        assert not judge.launch_dead(str(launch))
+    # pid:[1] is no live namespace: only the host's view, which sees every process, may say dead
+    assert judge.launch_dead(str(launch)) == judge.everything
 
 
 def test_ipc_sockets_and_filestore_files(tmp_path):

@@ -233,9 +233,29 @@ def test_ray_launcher_places_one_task_per_node_and_gathers_the_table(ray_cluster
     print(f"fabric check via Ray, 2 nodes: {took:.1f}s")
 
 
-def _ray_cmd(cluster, launch_id, *args):
+def _ray_cmd(cluster, launch_id, *args, token=True):
+    token_args = ["--ray-auth-token-file", cluster[0].token_file] if token else []
     return [str(ENGINE_PY), "-m", "vllm_fleet.fabric_check.cli", "--launcher", "ray",
-            "--ray-address", cluster[0].address, "--launch-id", launch_id, *args]
+            "--ray-address", cluster[0].address, "--launch-id", launch_id, *token_args, *args]
+
+
+@pytest.mark.engine
+def test_ray_launcher_without_the_token_is_refused_by_the_cluster(ray_cluster, tmp_path):
+    """The cluster runs with token authentication: a driver without the token (none in its
+    environment or home) cannot connect; with a token file that cannot be read it stops at once."""
+    env = child_env(HOME=tmp_path)
+    env.pop("RAY_AUTH_MODE", None)
+    env.pop("RAY_AUTH_TOKEN_PATH", None)
+    r = subprocess.run(_ray_cmd(ray_cluster, "fc-ray-noauth", "--ray-timeout", "40", token=False),
+                       capture_output=True, text=True, timeout=200, env=env)
+    assert r.returncode in (1, 124), r.stdout + r.stderr
+    assert "RESULT: OK" not in r.stdout
+    assert ray_cluster[0].address in r.stderr, r.stderr[-3000:]
+    missing = tmp_path / "no-such-token"
+    r = subprocess.run(_ray_cmd(ray_cluster, "fc-ray-badfile", token=False)
+                       + ["--ray-auth-token-file", str(missing)],
+                       capture_output=True, text=True, timeout=60, env=env)
+    assert r.returncode == 1 and f"token file {missing} cannot be read" in r.stderr, r.stderr
 
 
 @pytest.mark.engine

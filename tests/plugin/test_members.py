@@ -6,6 +6,7 @@ import os
 import pytest
 
 from vllm_fleet import state
+from vllm_fleet.ownership import ns_id
 
 
 def test_role_is_kept_by_a_later_plain_registration(state_dir, monkeypatch):
@@ -14,7 +15,7 @@ def test_role_is_kept_by_a_later_plain_registration(state_dir, monkeypatch):
     path = state.register_member(role="main")  # fleet-serve, just before it execs vLLM
     state.register_member()                   # the plugin in the exec'd vLLM process (same pid)
     doc = json.loads(open(path).read())
-    assert doc == {"pid": os.getpid(), "start_ticks": state.proc_start_ticks(os.getpid()),
+    assert doc == {"pid": os.getpid(), "start_ticks": state.proc_start_ticks(os.getpid()), "pid_ns": ns_id("pid"),
                    "launch_id": "dep-1-x", "deployment": "dep", "role": "main"}
     state.register_member(role="engine")
     assert json.loads(open(path).read())["role"] == "engine"

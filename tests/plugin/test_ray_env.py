@@ -32,7 +32,8 @@ DRIVER_ENV = {  # the head's fabric.env in the driver (fleet-serve merges it), p
     "NCCL_SOCKET_IFNAME": "=eth1", "GLOO_SOCKET_IFNAME": "eth1", "VLLM_HOST_IP": "10.0.0.1",
     "FLEET_RAY_NODE_IP": "10.0.0.1", "NCCL_IB_DISABLE": "0", "NCCL_IB_HCA": "=mlx5_0:1",
     "NCCL_HOSTID": "head", "FLEET_NODE_NAME": "head", "NCCL_DEBUG": "INFO",
-    "VLLM_FLEET_PROBE_EVERY_STEPS": "500", "VLLM_PLUGINS": "fleet"}
+    "VLLM_FLEET_PROBE_EVERY_STEPS": "500", "VLLM_PLUGINS": "fleet",
+    "VLLM_API_KEY": "engine-key-not-for-ray-workers"}  # fleet-serve sets it from the key file
 
 
 @pytest.mark.parametrize("order", ["before", "after"])
@@ -47,6 +48,7 @@ def test_driver_fabric_env_is_not_copied_to_ray_workers(order, tmp_path):
     for executor in ("v1", "v2"):
         copied = set(result[executor])
         assert copied.isdisjoint(plugin.node_local_env_keys()), (executor, copied)
+        assert "VLLM_API_KEY" not in copied, (executor, "the API key must stay with the API server")
         # what is the same on every node still travels: NCCL tuning, our VLLM_* settings
         assert {"NCCL_DEBUG", "VLLM_FLEET_PROBE_EVERY_STEPS", "VLLM_PLUGINS"} <= copied
     assert "Ray workers keep their own node's NCCL_SOCKET_IFNAME" in out.stderr
@@ -68,3 +70,14 @@ def test_ray_env_hook_missing_global_is_logged_not_raised(caplog):
     mod.RAY_NON_CARRY_OVER_ENV_VARS = {"FOO"}
     plugin._keep_node_env_local(mod)
     assert mod.RAY_NON_CARRY_OVER_ENV_VARS == {"FOO", *plugin.node_local_env_keys()}
+
+
+def test_api_key_kept_off_ray_workers_even_with_node_env_copy_switched_off(monkeypatch):
+    class Mod:
+        RAY_NON_CARRY_OVER_ENV_VARS: set = set()
+
+    monkeypatch.setenv("VLLM_FLEET_RAY_KEEP_NODE_ENV", "0")
+    mod = Mod()
+    plugin._keep_node_env_local(mod)
+    plugin._keep_secrets_off_ray_workers(mod)
+    assert mod.RAY_NON_CARRY_OVER_ENV_VARS == {"VLLM_API_KEY"}

@@ -2,9 +2,10 @@
 
 It speaks just enough of the API for the real OpenAI client and for HAProxy: GET /health,
 GET /v1/models, GET /metrics (vllm:num_requests_running / waiting), POST /v1/chat/completions
-(JSON or an SSE stream, chunked). Every answer carries `x-fake-backend: <name>` so tests can see
-which backend served a request. It can be stopped and started again on the same port, made
-unhealthy, slowed down, or told to fail requests.
+(JSON or an SSE stream, chunked), and, like vLLM, an unguarded POST /pause. Every answer carries
+`x-fake-backend: <name>` so tests can see which backend served a request. With `api_key` it answers
+/v1/* without that bearer key with 401, as vLLM's --api-key does. It can be stopped and started
+again on the same port, made unhealthy, slowed down, or told to fail requests.
 """
 from __future__ import annotations
 
@@ -22,8 +23,11 @@ class QuietServer(ThreadingHTTPServer):
 
 class FakeVLLM:
     def __init__(self, name: str = "fake", model: str = "tiny-llama", port: int = 0, token_delay: float = 0.01,
-                 tokens: int = 8):
+                 tokens: int = 8, api_key: str = ""):
         self.name, self.model = name, model
+        self.api_key = api_key
+        self.paused = 0               # POST /pause calls that reached this backend
+        self.auth_seen: list[str] = []  # Authorization headers of /v1 requests
         self.token_delay, self.tokens = token_delay, tokens
         self.healthy = True
         self.fail_status = 0          # answer chat completions with this HTTP status (0: serve normally)
@@ -55,7 +59,19 @@ class FakeVLLM:
                 self.end_headers()
                 self.wfile.write(body)
 
+            def _unauthorized(self) -> bool:
+                """vLLM's AuthenticationMiddleware: /v1 needs the key; other paths do not."""
+                if not self.path.startswith("/v1"):
+                    return False
+                fake.auth_seen.append(self.headers.get("Authorization", ""))
+                if fake.api_key and self.headers.get("Authorization") != f"Bearer {fake.api_key}":
+                    self._send(401, b'{"error": "Unauthorized"}')
+                    return True
+                return False
+
             def do_GET(self):  # noqa: N802
+                if self._unauthorized():
+                    return
                 if self.path == "/health":
                     self._send(200 if fake.healthy else 503, b"")
                 elif self.path == "/v1/models":
@@ -71,6 +87,12 @@ class FakeVLLM:
             def do_POST(self):  # noqa: N802
                 length = int(self.headers.get("Content-Length") or 0)
                 body = json.loads(self.rfile.read(length) or b"{}")
+                if self._unauthorized():
+                    return
+                if self.path == "/pause":
+                    fake.paused += 1
+                    self._send(200, b"{}")
+                    return
                 if self.path.startswith("/fake/restart"):
                     # Like an engine restart: stop listening for down_s seconds, then serve again.
                     down = float(body.get("down_s", 1.0))

@@ -177,3 +177,54 @@ def test_maintenance_marker_holds_until_and_reason_and_goes(tmp_path):
         assert not marker.exists()
     finally:
         playbook.unlink()
+
+
+PACK = Path(__file__).resolve().parents[2] / "roles/healer/files/pack_inventory.sh"
+
+
+def _pack(tmp_path, secrets, *sources):
+    import subprocess
+    import tarfile
+    out = tmp_path / "inventory.tar"
+    subprocess.run([str(PACK), str(out), str(secrets), *map(str, sources)], check=True, capture_output=True, text=True)
+    with tarfile.open(out) as t:
+        return sorted(m.name for m in t.getmembers())
+
+
+def _inventory_dir(root):
+    (root / "group_vars").mkdir(parents=True)
+    (root / "hosts.ini").write_text("[fleet_head]\nnode1\n")
+    (root / "group_vars" / "all.yml").write_text("fleet_deployment: a\n")
+    for dep in ("a", "b"):
+        (root / "fleet-secrets" / dep).mkdir(parents=True)
+        (root / "fleet-secrets" / dep / "engine-api-key").write_text("secret\n")
+    (root / "fleet-secrets" / "tls-key.pem").write_text("key\n")
+    return root
+
+
+def test_healer_inventory_from_a_directory_leaves_the_secrets_directory_home(tmp_path):
+    inv = _inventory_dir(tmp_path / "inv")
+    names = _pack(tmp_path, inv / "fleet-secrets", inv)
+    assert "./0/hosts.ini" in names and "./0/group_vars/all.yml" in names
+    assert not [n for n in names if "fleet-secrets" in n or "engine-api-key" in n], names
+
+
+def test_healer_inventory_from_a_file_takes_its_vars_dirs_and_no_secrets(tmp_path):
+    inv = _inventory_dir(tmp_path / "inv")
+    names = _pack(tmp_path, inv / "fleet-secrets", inv / "hosts.ini")
+    assert {"./0/hosts.ini", "./0/group_vars/all.yml"} <= set(names)
+    assert not [n for n in names if "fleet-secrets" in n], names
+
+
+def test_healer_inventory_secrets_elsewhere_and_the_archive_is_reproducible(tmp_path):
+    import subprocess
+    inv = _inventory_dir(tmp_path / "inv")
+    (inv / "fleet-secrets" / "a" / "engine-api-key").unlink()  # still a directory of its own
+    first = _pack(tmp_path, tmp_path / "elsewhere", inv)
+    assert "./0/fleet-secrets/tls-key.pem" in first  # not the secrets dir: an ordinary inventory file
+    data = (tmp_path / "inventory.tar").read_bytes()
+    (inv / "hosts.ini").touch()
+    _pack(tmp_path, tmp_path / "elsewhere", inv)
+    assert (tmp_path / "inventory.tar").read_bytes() == data
+    r = subprocess.run([str(PACK), str(tmp_path / "x.tar"), str(inv), str(inv)], capture_output=True, text=True)
+    assert r.returncode == 2 and "is the inventory directory" in r.stderr

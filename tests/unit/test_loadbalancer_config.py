@@ -3,6 +3,7 @@ checked by the real `haproxy -c`; and the inventory validation of loadbalancer_*
 from __future__ import annotations
 
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -30,11 +31,13 @@ RENDER_PLAYBOOK = """
 def write_inventory(tmp: Path, heads: dict[str, tuple[str, int]], extra_hosts: str = "",
                     head_vars: dict[str, str] | None = None, **overrides) -> Path:
     """heads: replica -> (address, api port); head_vars: replica -> extra host vars of its head.
-    Every host runs locally; the balancer writes under tmp."""
+    Every host runs locally; the balancer writes under tmp. The balancer's settings go on its host
+    line (INI [group:vars] values stay strings: a "False" there would be true)."""
     lb_vars = {
         "loadbalancer_config_path": tmp / "haproxy.cfg", "loadbalancer_admin_socket": tmp / "admin.sock",
         "loadbalancer_state_file": tmp / "server-state", "loadbalancer_chroot_dir": "",
         "loadbalancer_run_user": "", "loadbalancer_log_target": "", "loadbalancer_service_managed": "False",
+        "loadbalancer_secrets_dir": tmp / "lb-secrets",
     }
     lb_vars.update(overrides)
     head_lines = "\n".join(f"head-{r} ansible_host={addr} fleet_replica={r} fleet_api_port={port} "
@@ -51,10 +54,7 @@ fleet_head
 fleet_workers
 
 [fleet_loadbalancer]
-lb
-
-[fleet_loadbalancer:vars]
-{chr(10).join(f"{k}={v}" for k, v in lb_vars.items())}
+lb {" ".join(f"{k}={shlex.quote(str(v))}" for k, v in lb_vars.items())}
 
 [all:vars]
 ansible_connection=local
@@ -113,8 +113,18 @@ def test_config_has_one_server_per_replica_head_and_passes_haproxy_check(tmp_pat
     glob = section(config, "global")
     assert f"stats socket {tmp_path / 'admin.sock'} mode 660 level admin" in glob
     assert f"server-state-file {tmp_path / 'server-state'}" in glob
-    assert re.search(r"bind :8080$", section(config, "frontend vllm_api"), re.M)
+    front = section(config, "frontend vllm_api")
+    assert re.search(rf"bind :8443 ssl crt {tmp_path}/lb-secrets/tls.pem alpn http/1.1$", front, re.M)
+    assert re.search(r"bind :8080$", front, re.M) and "redirect scheme https code 308 unless { ssl_fc }" in front
+    assert "http-request deny deny_status 403 unless fleet_api or fleet_health" in front
+    assert "http_auth_bearer" not in front, "fleet_engine=cpu: API auth auto is off"
     assert re.search(r"bind 127\.0\.0\.1:8404$", section(config, "listen stats"), re.M)
+    # the lab CA signed this balancer's certificate; the PEM HAProxy loads is root-only
+    ca = tmp_path / "fleet-secrets" / "lbtest" / "lab-ca"
+    verify = subprocess.run(["openssl", "verify", "-CAfile", str(ca / "ca.crt"), str(ca / "lb.crt")],
+                            capture_output=True, text=True)
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+    assert (tmp_path / "lb-secrets" / "tls.pem").stat().st_mode & 0o077 == 0
 
 
 def test_server_address_override_ipv6_and_custom_settings(tmp_path):

@@ -60,7 +60,7 @@ class Balancer:
         self.backends = backends
         self.overrides = dict(dict(loadbalancer_frontend_port=self.port, loadbalancer_stats_port=self.stats_port,
                                    loadbalancer_frontend_address="127.0.0.1", loadbalancer_check_interval="500ms",
-                                   loadbalancer_check_rise=1), **overrides)
+                                   loadbalancer_check_rise=1, loadbalancer_tls=False), **overrides)
         self.config = render_config(tmp, {r: ("127.0.0.1", b.port) for r, b in backends.items()},
                                     head_vars=head_vars, **self.overrides)
         self.inventory = tmp / "inventory.ini"
@@ -70,7 +70,9 @@ class Balancer:
         deadline = time.monotonic() + 120  # a busy machine: health checks every 500 ms
         while time.monotonic() < deadline:
             try:
-                if all(s["status"].startswith("UP") for s in self.servers().values()):
+                # UP after a passed check (L7OK), not only HAProxy's initial UP: a server that has
+                # never passed one goes DOWN on its first failed check.
+                if all(s["status"].startswith("UP") and s["check_status"] == "L7OK" for s in self.servers().values()):
                     return
             except (haproxy_module.RuntimeApiError, KeyError):
                 pass
@@ -312,16 +314,19 @@ def test_drain_restart_ready_under_load_has_zero_failed_requests(fleet):
 
 def test_dead_server_still_believed_up_is_retried_on_the_other_replica(tmp_path):
     backends = {"r1": FakeVLLM("r1").start(), "r2": FakeVLLM("r2").start()}
-    # Slow health checks: HAProxy keeps r1 UP for a while after it dies.
+    # Slow health checks: HAProxy keeps r1 UP for a while after it dies. Balancer returns just after
+    # both passed their first check (health rise+1 of rise+fall-1, checks 30 s apart): r1 stays UP
+    # (at most "UP 1/3", still in rotation) for at least 60 s after it dies, whatever the load.
     balancer = Balancer(tmp_path, backends, loadbalancer_check_interval="30s")
     try:
         backends["r1"].stop()
-        assert balancer.servers()["r1"]["status"] == "UP"
+        assert balancer.servers()["r1"]["status"].startswith("UP")
         for i in range(12):
             response = chat(balancer.url, stream=bool(i % 2))
             assert response.status_code == 200, response.text
             assert response.headers["x-fake-backend"] == "r2"
-        assert balancer.servers()["r1"]["status"] == "UP", "HAProxy noticed the death meanwhile: nothing was retried"
+        assert balancer.servers()["r1"]["status"].startswith("UP"), \
+            "HAProxy noticed the death meanwhile: nothing was retried"
     finally:
         balancer.stop()
         backends["r2"].stop()

@@ -192,7 +192,31 @@ CASES = [
      "not an image reference"),
     ("replica-without-head", lambda i: extra_host(i, fleet_replica="r2"), "gpu-c", "fleet_replica",
      "has no host in fleet_head"),
+    ("api-port-in-launch-range", lambda i: allvars(i, fleet_api_port="21000"), "gpu-a", "fleet_api_port",
+     "inside the launch port range 20000-32767"),
+    ("api-auth-choice", lambda i: allvars(i, fleet_api_auth="sometimes"), "gpu-a", "fleet_api_auth",
+     "one of auto, on, off"),
+    ("tenant-name", lambda i: balancer(i, loadbalancer_api_keys="'[{\"name\": \"team/a\"}]'"), "lb",
+     "loadbalancer_api_keys[0].name", "letters, digits"),
+    ("tenant-twice", lambda i: balancer(i, loadbalancer_api_keys='\'[{"name": "a"}, {"name": "a"}]\''), "lb",
+     "loadbalancer_api_keys[1].name", "two tenants have this name"),
+    ("tenant-short-key", lambda i: balancer(i, loadbalancer_api_keys='\'[{"name": "a", "key": "short"}]\''), "lb",
+     "loadbalancer_api_keys[0].key", "at least 16 characters"),
+    ("tenant-unknown-field", lambda i: balancer(i, loadbalancer_api_keys='\'[{"name": "a", "rate_limt": 3}]\''), "lb",
+     "loadbalancer_api_keys[0].rate_limt", "did you mean rate_limit"),
+    ("tenant-negative-limit", lambda i: balancer(i, loadbalancer_api_keys='\'[{"name": "a", "rate_limit": -1}]\''), "lb",
+     "loadbalancer_api_keys[0].rate_limit", ">= 0"),
+    ("tls-cert-without-key", lambda i: balancer(i, loadbalancer_tls_cert_file="/etc/hostname"), "lb",
+     "loadbalancer_tls_key_file", "set both"),
+    ("tls-cert-missing", lambda i: balancer(i, loadbalancer_tls_cert_file="/nonexistent/cert.pem",
+                                            loadbalancer_tls_key_file="/etc/hostname"), "lb",
+     "loadbalancer_tls_cert_file", "no such file on the controller"),
 ]
+
+
+def balancer(inv, **kv):
+    inv["fleet_loadbalancer"] = {"lb": {"ansible_host": "127.0.0.1", "ansible_port": "22904", **kv}}
+    return inv
 
 
 def inv_without_gpus(inv):

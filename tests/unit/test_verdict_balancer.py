@@ -37,9 +37,9 @@ def start_ticks(pid: int) -> int:
 class Replica:
     """A fake API plus a real exporter judging a launch whose one member is a real process."""
 
-    def __init__(self, tmp: Path, name: str):
+    def __init__(self, tmp: Path, name: str, api_key: str = ""):
         self.name = name
-        self.api = FakeVLLM(name, token_delay=0.05).start()
+        self.api = FakeVLLM(name, token_delay=0.05, api_key=api_key).start()
         self.member = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
         state = tmp / f"state-{name}"
         launch = state / "launches" / f"dep-{name}-1"
@@ -88,23 +88,32 @@ def wait(pred, timeout: float, what: str):
     raise AssertionError(f"{what}: not within {timeout}s (last: {last!r})")
 
 
-@pytest.fixture
-def fleet(tmp_path):
-    replicas = {n: Replica(tmp_path, n) for n in ("r1", "r2")}
+def start_fleet(tmp_path, api_key: str = "", **balancer_overrides):
+    replicas = {n: Replica(tmp_path, n, api_key) for n in ("r1", "r2")}
     try:
         for r in replicas.values():  # the launch serves (/health 200): healthy, not starting
             wait(lambda r=r: r.verdict()["state"] == "healthy", 90, f"{r.name} healthy")
         balancer = Balancer(tmp_path, {n: r.api for n, r in replicas.items()},
                             head_vars={n: f"fleet_exporter_agent_port={r.agent_port}"
-                                       for n, r in replicas.items()})
+                                       for n, r in replicas.items()}, **balancer_overrides)
     except BaseException:
         for r in replicas.values():
             r.stop()
         raise
-    yield balancer, replicas
+    return balancer, replicas
+
+
+def stop_fleet(balancer, replicas) -> None:
     balancer.stop()
     for r in replicas.values():
         r.stop()
+
+
+@pytest.fixture
+def fleet(tmp_path):
+    balancer, replicas = start_fleet(tmp_path)
+    yield balancer, replicas
+    stop_fleet(balancer, replicas)
 
 
 def served_by(url: str, n: int) -> list[str]:
@@ -187,3 +196,42 @@ def test_every_replica_judged_hung_still_serves_through_the_fallback(fleet):
     for r in replicas.values():
         r.member.send_signal(signal.SIGCONT)
     wait(lambda: all(balancer.servers()[n]["status"] == "UP" for n in replicas), 60, "both back")
+
+
+ENGINE_KEY = "engine-key-only-the-balancer-knows-0002"
+
+
+def test_the_verdict_and_its_fallback_work_behind_the_front_door(tmp_path):
+    """The lockdown's front door (TLS from the lab CA, tenant keys swapped for the engine key) and
+    the verdict's agent-check and /health-only backups in one HAProxy: a tenant is served while
+    both replicas are judged hung, a request without a key is still refused."""
+    tls_port = free_port()
+    balancer, replicas = start_fleet(
+        tmp_path, api_key=ENGINE_KEY, loadbalancer_tls=True, loadbalancer_tls_port=tls_port,
+        fleet_api_auth="on", fleet_api_key=ENGINE_KEY, loadbalancer_api_keys=[{"name": "team"}],
+        loadbalancer_tls_names=["127.0.0.1"])
+    try:
+        secrets = tmp_path / "fleet-secrets" / "lbtest"
+        key, ca = (secrets / "api-keys" / "team").read_text().strip(), str(secrets / "lab-ca" / "ca.crt")
+        assert "agent-check" in balancer.config and "r1-fallback" in balancer.config
+
+        def tenant_chat(with_key: bool = True) -> requests.Response:
+            return requests.post(f"https://127.0.0.1:{tls_port}/v1/chat/completions", verify=ca, timeout=60,
+                                 headers={"Authorization": f"Bearer {key}"} if with_key else {},
+                                 json={"model": "tiny-llama", "messages": [{"role": "user", "content": "hi"}],
+                                       "max_tokens": 4})
+
+        for r in replicas.values():
+            r.member.send_signal(signal.SIGSTOP)
+        wait(lambda: all(balancer.servers()[n]["status"].startswith("DOWN") for n in replicas), 60, "both out")
+        served = [tenant_chat() for _ in range(6)]
+        assert all(r.status_code == 200 for r in served), [r.text for r in served]
+        assert {r.headers["x-fake-backend"] for r in served} <= {"r1", "r2"}, "the backups serve: no outage"
+        assert tenant_chat(with_key=False).status_code == 401
+        # vLLM saw the engine's key, never the tenant's
+        seen = [a for r in replicas.values() for a in r.api.auth_seen]
+        assert seen and set(seen) == {f"Bearer {ENGINE_KEY}"}
+    finally:
+        for r in replicas.values():
+            r.member.send_signal(signal.SIGCONT)
+        stop_fleet(balancer, replicas)

@@ -42,8 +42,17 @@ WORKER_GROUP = "fleet_workers"
 SERVING_GROUP = "fleet_serving"
 MONITORING_GROUP = "fleet_monitoring"
 BALANCER_GROUP = "fleet_loadbalancer"
-HEALER_GROUP = "fleet_healer"  # optional: the healer host (default: the first monitoring host)
+HEALER_GROUP = "fleet_healer"  # optional: the healer host (role healer), else the first monitoring host
 KNOWN_GROUPS = (HEAD_GROUP, WORKER_GROUP, SERVING_GROUP, MONITORING_GROUP, BALANCER_GROUP, HEALER_GROUP)
+TENANT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+TENANT_FIELDS = {"name", "key", "rate_limit"}
+# Port settings where 0 means "no such listener".
+OFF_PORT_VARS = {"loadbalancer_frontend_port", "firewall_ssh_port"}
+# vllm_fleet.launch's port blocks: the firewall opens the whole range to fabric peers only.
+LAUNCH_PORT_RANGE = (20000, 32767)
+# Ports of the cluster itself besides Ray's (fabric peers only): they may sit in the launch range.
+CLUSTER_PORT_VARS = ("ray_cluster_dashboard_agent_grpc_port", "ray_cluster_runtime_env_agent_port",
+                     "vllm_serve_master_port")
 NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,38}[a-z0-9])?$")
 # Linux IFNAMSIZ is 16 including the NUL; '/', ':' and white space are never valid.
 IFNAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")
@@ -755,8 +764,11 @@ class Checker:
         for host in set(heads) & set(workers):
             self.add(host, "groups", "fleet_head+fleet_workers", "a host is either a head or a worker, not both")
         self.check_addresses(all_hosts)
+        balancers = set(self.groups.get(BALANCER_GROUP, []))
         for host in all_hosts:
             self.check_host(host, host in serving)
+            if host in balancers:
+                self.check_balancer_host(host, self.values[host])
         self.check_replicas(heads, serving)
         self.check_balancer(heads)
         return self.problems
@@ -922,6 +934,9 @@ class Checker:
         bad = set()
         for name in port_vars:
             port = v.get(name)
+            if name in OFF_PORT_VARS and port == 0:
+                bad.add(name)  # switched off: nothing listens, nothing to compare
+                continue
             if not isinstance(port, int) or not 1 <= port <= 65535:
                 if name not in self.user_set[host]:  # user-set values were checked by their rule
                     self.add(host, name, port, "port must be between 1 and 65535")
@@ -941,6 +956,9 @@ class Checker:
                 owners[port] = name
             if name not in ray_ports and not bad & worker_range and lo <= port <= hi:
                 self.add(host, name, port, f"falls inside Ray's worker port range {lo}-{hi}")
+            if name not in ray_ports and name not in CLUSTER_PORT_VARS and LAUNCH_PORT_RANGE[0] <= port <= LAUNCH_PORT_RANGE[1]:
+                self.add(host, name, port, "falls inside the launch port range %d-%d (vLLM's internal ports, open "
+                         "to the replica's fabric peers only)" % LAUNCH_PORT_RANGE)
 
     def check_serving_host(self, host: str, v: Mapping[str, Any]) -> None:
         path = v.get("fleet_model_path", "")
@@ -975,6 +993,42 @@ class Checker:
         why = model.check_manifest(v.get("model_manifest"))
         if why:
             self.add(host, "model_manifest", "(pinned manifest)", why)
+
+    def check_balancer_host(self, host: str, v: Mapping[str, Any]) -> None:
+        """Tenants (loadbalancer_api_keys) and the TLS certificate files of a balancer."""
+        names, keys = set(), set()
+        for i, tenant in enumerate(v.get("loadbalancer_api_keys") or []):
+            where = f"loadbalancer_api_keys[{i}]"
+            if not isinstance(tenant, dict):
+                self.add(host, where, tenant, "must be a mapping {name, key, rate_limit}")
+                continue
+            for field in sorted(set(tenant) - TENANT_FIELDS):
+                self.add(host, f"{where}.{field}", tenant[field],
+                         "unknown field (a tenant has name, key, rate_limit)" + _suggest(field, TENANT_FIELDS))
+            name = str(tenant.get("name", ""))
+            if not TENANT_RE.match(name):
+                self.add(host, f"{where}.name", name, "use 1-64 letters, digits, '.', '_' or '-' (it labels metrics)")
+            elif name in names:
+                self.add(host, f"{where}.name", name, "two tenants have this name")
+            names.add(name)
+            key = tenant.get("key") or ""
+            if key:
+                if not isinstance(key, str) or len(key) < 16 or re.search(r"\s", key):
+                    self.add(host, f"{where}.key", "(hidden)", "must be at least 16 characters without white space")
+                elif key in keys:
+                    self.add(host, f"{where}.key", "(hidden)", "the same key as another tenant")
+                keys.add(key)
+            ok, limit, _ = _coerce(tenant.get("rate_limit", 0), "int")
+            if not ok or limit < 0:
+                self.add(host, f"{where}.rate_limit", tenant.get("rate_limit"), "must be a whole number >= 0")
+        cert, key_file = v.get("loadbalancer_tls_cert_file", ""), v.get("loadbalancer_tls_key_file", "")
+        if v.get("loadbalancer_tls", True):
+            if bool(cert) != bool(key_file):
+                self.add(host, "loadbalancer_tls_cert_file" if not cert else "loadbalancer_tls_key_file", "",
+                         "set both loadbalancer_tls_cert_file and loadbalancer_tls_key_file (or neither: lab CA)")
+            for var, path in (("loadbalancer_tls_cert_file", cert), ("loadbalancer_tls_key_file", key_file)):
+                if path and self.ctx.controller_paths and not os.path.isfile(path):
+                    self.add(host, var, path, "no such file on the controller")
 
     def capacity(self, host: str) -> tuple[int, str]:
         v = self.values[host]

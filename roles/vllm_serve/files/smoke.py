@@ -1,11 +1,12 @@
 #!/usr/bin/env python3
 """Smoke-test an OpenAI-compatible endpoint: non-streaming and streaming chat completions.
 
-Usage: smoke.py BASE_URL MODEL [MAX_TOKENS]   (API key from OPENAI_API_KEY; "none" when unset)
+Usage: smoke.py BASE_URL MODEL [MAX_TOKENS [API_KEY_FILE]]   (no file: no key)
+The key is read from a file (the vllm_serve role runs this inside the serving container, where the
+engine key is mounted), never taken from the command line.
 Prints one JSON line; exit 1 when either request fails or returns no tokens.
 """
 import json
-import os
 import sys
 import time
 
@@ -15,8 +16,11 @@ def main():
 
     base, model = sys.argv[1], sys.argv[2]
     max_tokens = int(sys.argv[3]) if len(sys.argv) > 3 else 8
-    client = OpenAI(base_url=base, api_key=os.environ.get("OPENAI_API_KEY") or "none",
-                    timeout=120, max_retries=0)
+    key = "none"
+    if len(sys.argv) > 4:
+        with open(sys.argv[4], encoding="utf-8") as fh:
+            key = fh.read().strip()
+    client = OpenAI(base_url=base, api_key=key, timeout=120, max_retries=0)
     out = {"base_url": base, "model": model}
     t = time.monotonic()
     r = client.chat.completions.create(model=model, max_tokens=max_tokens, messages=[

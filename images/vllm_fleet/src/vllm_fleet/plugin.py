@@ -24,7 +24,11 @@ Hook points (patched when their module is imported, or at once if it already is)
     member of the launch (``members/<pid>`` role ``engine``; workers get ``worker`` after their
     group init, fleet-serve's exec'd process ``main``): the exporter's verdict judges those;
   * ``vllm.ray.ray_env.RAY_NON_CARRY_OVER_ENV_VARS`` (driver) -- the per-node fabric variables
-    stay with each Ray node instead of being copied from the driver to every Ray worker.
+    stay with each Ray node instead of being copied from the driver to every Ray worker, and the
+    API key (``VLLM_API_KEY``) is never copied: Ray workers do not serve the API;
+  * ``multiprocessing.shared_memory.SharedMemory.__init__`` -- every segment a process of the
+    launch creates is recorded (``launches/<id>/shm/<name>``): a later launch's cleanup deletes
+    only recorded segments (ownership.py);
   * ``vllm.distributed.device_communicators.shm_broadcast.SpinCondition.__init__`` -- only with
     VLLM_FLEET_SHM_BUSY_LOOP_S set: the spin window of shm queue readers (CPU hosts).
 A hook point missing in a vLLM version is logged once as inactive; every hook body is wrapped so
@@ -392,6 +396,57 @@ def _keep_node_env_local(mod) -> None:
              "driver)", ", ".join(keys))
 
 
+#: Secrets of the API server that vLLM's Ray executor would otherwise copy into every Ray worker
+#: (its VLLM_* prefix rule): they would show in the workers' environment and Ray's runtime env.
+RAY_SECRET_ENV_KEYS = ("VLLM_API_KEY",)
+
+
+def _keep_secrets_off_ray_workers(mod) -> None:
+    """Always on (unlike the per-node fabric keys): the API key stays with the API server."""
+    excluded = getattr(mod, "RAY_NON_CARRY_OVER_ENV_VARS", None)
+    if not isinstance(excluded, set):
+        log_once("no-ray-secret-env", "vllm-fleet: vllm.ray.ray_env.RAY_NON_CARRY_OVER_ENV_VARS not "
+                 "found: cannot keep %s out of Ray workers' environment" % ", ".join(RAY_SECRET_ENV_KEYS),
+                 level=logging.WARNING)
+        return
+    excluded.update(RAY_SECRET_ENV_KEYS)
+    ACTIVE["ray_secrets"] = "vllm.ray.ray_env.RAY_NON_CARRY_OVER_ENV_VARS"
+
+
+# ------------------------------------------------------------------ shm segments: ownership records
+
+@_guard("shm records")
+def _record_shm_segments() -> None:
+    """Wrap SharedMemory so every segment this process creates is recorded in its launch
+    directory; cleanup later removes recorded segments of dead launches only (ownership.py)."""
+    from multiprocessing import shared_memory
+
+    from . import ownership, state
+
+    lid = state.launch_id()
+    cls = shared_memory.SharedMemory
+    if not lid or getattr(cls, "_fleet_patched", False):
+        return
+    cls._fleet_patched = True
+    orig_init = cls.__init__
+    launch_dir = state.launch_dir(lid, create=False)
+    deployment = state.deployment()
+
+    @functools.wraps(orig_init)
+    def __init__(self, name=None, create=False, size=0, *args, **kwargs):
+        orig_init(self, name, create, size, *args, **kwargs)
+        if create:
+            try:
+                ownership.record_segment(launch_dir, self.name, deployment, lid)
+            except Exception:
+                log_once("shm-record-fail", "vllm-fleet: could not record shm segment %s in %s; a "
+                         "later cleanup will leave it alone: %s", self.name, launch_dir,
+                         traceback.format_exc(limit=2), level=logging.WARNING)
+
+    cls.__init__ = __init__
+    ACTIVE["shm_records"] = "multiprocessing.shared_memory.SharedMemory.__init__"
+
+
 # ------------------------------------------------------------------ shm queue readers: spin window
 
 SHM_BUSY_LOOP_ENV = "VLLM_FLEET_SHM_BUSY_LOOP_S"
@@ -574,7 +629,9 @@ def register() -> None:
                 sys.meta_path.insert(0, _PostImportFinder())
             _cleanup_once()
             _register_member()
+            _record_shm_segments()
             when_imported("vllm.distributed.parallel_state", _patch_parallel_state)
+            when_imported("vllm.ray.ray_env", _keep_secrets_off_ray_workers)
             when_imported("vllm.v1.engine.core", _patch_engine_core)
             when_imported("vllm.ray.ray_env", _keep_node_env_local)
             when_imported("vllm.distributed.device_communicators.shm_broadcast", _limit_shm_spin)

@@ -161,12 +161,9 @@ def launch_json_path(launch: str | None = None, env: dict | None = None) -> str:
 
 def proc_start_ticks(pid: int) -> int | None:
     """Start time of a process (clock ticks after boot): with the pid, a unique process identity."""
-    try:
-        with open(f"/proc/{pid}/stat", encoding="utf-8", errors="replace") as fh:
-            data = fh.read()
-        return int(data[data.rindex(")") + 2:].split()[19])
-    except (OSError, ValueError, IndexError):
-        return None
+    from .ownership import start_ticks
+
+    return start_ticks(pid)
 
 
 MEMBER_ROLES = ("main", "engine", "worker")
@@ -189,10 +186,14 @@ def register_member(env: dict | None = None, role: str | None = None) -> str | N
         return None
     d = os.path.join(launch_dir(lid, env), "members")
     os.makedirs(d, exist_ok=True)
+    from .ownership import ns_id
+
     pid = os.getpid()
     path = os.path.join(d, str(pid))
     ticks = proc_start_ticks(pid)
-    doc = {"pid": pid, "start_ticks": ticks, "launch_id": lid, "deployment": deployment(env)}
+    # pid_ns: a pid means something only in its own pid namespace (cleanup judges no other)
+    doc = {"pid": pid, "start_ticks": ticks, "pid_ns": ns_id("pid"), "launch_id": lid,
+           "deployment": deployment(env)}
     old = read_json(path)
     if isinstance(old, dict) and old.get("start_ticks") == ticks and old.get("role") in MEMBER_ROLES:
         doc["role"] = old["role"]
@@ -205,7 +206,11 @@ def register_member(env: dict | None = None, role: str | None = None) -> str | N
 
 
 def read_members(env: dict | None = None) -> dict[int, tuple[str, str | None]]:
-    """{pid: (launch_id, deployment)} for registered processes that are still the same process."""
+    """{pid: (launch_id, deployment)} for registered processes that are still the same process
+    (same pid namespace, same start time)."""
+    from .ownership import ns_id
+
+    own_ns = ns_id("pid")
     out: dict[int, tuple[str, str | None]] = {}
     base = os.path.join(state_root(env), "launches")
     try:
@@ -225,6 +230,8 @@ def read_members(env: dict | None = None) -> dict[int, tuple[str, str | None]]:
             if not isinstance(doc, dict):
                 continue
             pid = int(name)
+            if doc.get("pid_ns") and doc["pid_ns"] != own_ns:
+                continue  # registered in another pid namespace: this pid is not that process
             if doc.get("start_ticks") is not None and proc_start_ticks(pid) == doc["start_ticks"]:
                 out[pid] = (doc.get("launch_id") or lid, doc.get("deployment"))
     return out

@@ -7,6 +7,9 @@ open Ray dashboard runs arbitrary code for anyone who reaches it). Every other p
 
 A worker first checks that it can open a TCP connection to the head's GCS port; if not, it exits
 (code 3) naming the head address and its own node IP, instead of letting ``ray start`` retry.
+
+Token authentication (``RAY_AUTH_MODE=token``, the token in the file ``RAY_AUTH_TOKEN_PATH``; the
+ray_cluster role sets both): a missing or empty token file fails here, named, before ``ray start``.
 """
 import argparse
 import os
@@ -14,6 +17,7 @@ import socket
 import sys
 import time
 
+from .. import ray_auth
 from . import die, first, launch, merged_env
 
 # (flag, env var, default, ray option); env vars are what the ray_cluster role passes.
@@ -68,6 +72,9 @@ def build_command(args, env):
                          "(the fabric role writes them to /etc/vllm-fleet/fabric.env)")
     if node_ip in ("0.0.0.0", "::"):
         raise ValueError(f"node IP {node_ip} is a wildcard; Ray must bind the cluster address")
+    problem = ray_auth.token_problem(env)
+    if problem:
+        raise ValueError(problem)
     ports = {}
     for name, env_key, default, _ in PORTS:
         value = getattr(args, name)

@@ -92,6 +92,9 @@ def parser() -> argparse.ArgumentParser:
                     help="ray launcher: CPUs of each node's bundle and task")
     ap.add_argument("--ray-timeout", type=float, default=60.0,
                     help="ray launcher: seconds to connect, and to place the placement group")
+    ap.add_argument("--ray-auth-token-file", default=None,
+                    help="ray launcher: the cluster's token file (token authentication); default: "
+                         "RAY_AUTH_MODE / RAY_AUTH_TOKEN_PATH from the environment")
     return ap
 
 

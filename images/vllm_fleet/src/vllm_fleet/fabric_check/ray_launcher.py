@@ -2,6 +2,7 @@
 cluster from one driver, instead of the same command on every node.
 
     fleet-fabric-check --launcher ray --ray-address HEAD_IP:6379 --launch-id X [--nnodes N]
+        [--ray-auth-token-file /run/secrets/ray-auth-token]
 
 * a placement group with one bundle per node, strategy STRICT_SPREAD (every bundle on a different
   node), each bundle ``{"CPU": --ray-task-cpus, "GPU": nproc}`` (GPU only with NCCL); node rank =
@@ -102,6 +103,15 @@ def launch_ray(args, make_base) -> int:
     """args: the CLI's namespace (ray_address, nnodes (None: every eligible node),
     nproc_per_node, ray_task_cpus, backend, master_addr, json_out, ...); make_base(args, backend,
     master_addr) -> what every rank is told (cli.make_base)."""
+    from .. import ray_auth
+
+    # Ray reads RAY_AUTH_MODE / RAY_AUTH_TOKEN_PATH when it starts up in this process: set first.
+    if getattr(args, "ray_auth_token_file", None):
+        ray_auth.use_token_file(os.environ, args.ray_auth_token_file)
+    problem = ray_auth.token_problem(os.environ)
+    if problem:
+        print(f"fleet-fabric-check: error: {problem} (--ray-auth-token-file)", file=sys.stderr)
+        return EXIT_FAIL
     try:
         import ray
         from ray.util.placement_group import (placement_group, placement_group_table,

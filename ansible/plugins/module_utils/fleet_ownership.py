@@ -1,0 +1,1 @@
+../../../images/vllm_fleet/src/vllm_fleet/ownership.py
