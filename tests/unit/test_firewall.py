@@ -275,4 +275,8 @@ def test_host_addresses_leave_out_container_bridges_and_link_local():
     hostvars = {"a": {"ansible_facts": facts, "ansible_host": "10.0.0.5"}, "b": {"ansible_host": "lb.example"},
                 "c": {"ansible_host": "10.9.9.9"}}
     assert fleet_host_addresses(hostvars, ["a", "b", "c"]) == [
-        "10.0.0.5", "2001:db8::5", "10.1.0.5", "10.1.0.6", "10.2.0.5", "10.9.9.9"]
+        "10.0.0.5", "2001:db8::5", "10.2.0.5", "10.1.0.5", "10.1.0.6", "10.9.9.9"]
+    # The same interfaces listed in another order (the kernel's order changes when docker0 is
+    # added): the same list, so a re-run rewrites nothing.
+    shuffled = dict(hostvars, a=dict(hostvars["a"], ansible_facts=dict(facts, interfaces=facts["interfaces"][::-1])))
+    assert fleet_host_addresses(shuffled, ["a", "b", "c"]) == fleet_host_addresses(hostvars, ["a", "b", "c"])

@@ -43,7 +43,10 @@ def fleet_host_addresses(hostvars, hosts) -> list:
         hv = hostvars[host]
         facts = hv.get("ansible_facts") or {}
         found = []
-        for iface in facts.get("interfaces") or []:
+        # by name: the facts list interfaces in the kernel's directory order, which changes when
+        # one is added (docker0 on the first deploy), and a new order would rewrite every file
+        # these addresses are written to (a re-run must change nothing)
+        for iface in sorted(facts.get("interfaces") or []):
             if iface.startswith(LOCAL_ONLY_IFACES):
                 continue
             data = facts.get(iface) or facts.get(re.sub(r"[-.:]", "_", iface)) or {}
