@@ -93,6 +93,7 @@ def test_missing_node_times_out_naming_it(torch_py):
 STOP_IN_SWEEP = r"""
 import datetime, json, os, signal, sys, time
 from torch.distributed import TCPStore
+print("ready", flush=True)  # torch imported: the test starts the check only now
 hosts, port, rank, launch_id = sys.argv[1].split(","), int(sys.argv[2]), sys.argv[3], sys.argv[4]
 deadline = time.time() + 600
 found, i = None, 0
@@ -138,6 +139,21 @@ def _read_lines(stream, sink):
         sink.append(line)
 
 
+def _start_stopper(python, hosts: str, port: int, launch_id: str) -> subprocess.Popen:
+    """STOP_IN_SWEEP for rank 1, returned once its torch import is done: on a busy machine the
+    import can outlast the whole sweep, and the stopper then never finds the check running."""
+    stopper = subprocess.Popen([str(python), "-c", STOP_IN_SWEEP, hosts, str(port), "1", launch_id],
+                               env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first: list[str] = []
+    reader = threading.Thread(target=lambda: first.append(stopper.stdout.readline()), daemon=True)
+    reader.start()
+    reader.join(600)
+    if not (first and first[0].strip() == "ready"):
+        stopper.kill()
+        raise AssertionError(f"the stopper did not start within 600 s: {first} {stopper.stderr.read()[-3000:]}")
+    return stopper
+
+
 def _resume_and_reap(stopped, procs):
     """Let a SIGSTOPped rank go on (it then ends by itself) and kill what is still running."""
     if stopped:
@@ -161,10 +177,7 @@ def test_stopped_rank_is_named_and_every_node_ends_within_the_hard_timeout(torch
               "--master-port", str(port), "--timeout", str(timeout), "--max-size", "64M"]
     env = child_env(FLEET_NODE_NAME="fabhost")
     nodes, out, stopped = [], {0: [], 1: []}, None
-    # started first, so that its torch import is done before the check begins
-    stopper = subprocess.Popen([torch_py, "-c", STOP_IN_SWEEP, "127.0.0.1", str(port), "1",
-                                "fc-stop"], env=child_env(),
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    stopper = _start_stopper(torch_py, "127.0.0.1", port, "fc-stop")  # ready before the check begins
     try:
         for rank in (0, 1):
             p = subprocess.Popen(_cmd(torch_py, "--node-rank", str(rank), *common), env=env,
@@ -263,10 +276,7 @@ def test_ray_launcher_names_the_node_of_a_stopped_rank(ray_cluster):
     """A rank frozen (SIGSTOP) on one Ray node: the driver still ends within the hard timeout,
     with that node's rank named as stopped and its peer naming it as not responding."""
     timeout = STOP_TIMEOUT_S
-    stopper = subprocess.Popen([str(ENGINE_PY), "-c", STOP_IN_SWEEP,
-                                f"{RAY_NET}.2,{RAY_NET}.3", str(fabric_port("fc-ray-stop")), "1",
-                                "fc-ray-stop"], env=child_env(), stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)
+    stopper = _start_stopper(ENGINE_PY, f"{RAY_NET}.2,{RAY_NET}.3", fabric_port("fc-ray-stop"), "fc-ray-stop")
     p = subprocess.Popen(_ray_cmd(ray_cluster, "fc-ray-stop", "--max-size", "64M", "--timeout",
                                   str(timeout), "--ray-timeout", "180"),
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
