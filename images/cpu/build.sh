@@ -52,8 +52,18 @@ if [ "$(docker image inspect --format '{{index .Config.Labels "vllm-fleet.contex
      = "$context" ]; then
   echo "build.sh: $tag is up to date (context $context), not rebuilt" >&2
 else
+  previous=$(docker image inspect --format '{{.Id}}' "$tag" 2>/dev/null || true)
   start=$(date +%s)
   docker build --build-arg "BASE_IMAGE=$base" --label "vllm-fleet.context=$context" -t "$tag" "$ctx" >&2
   echo "build.sh: built $tag in $(( $(date +%s) - start ))s" >&2
+  # The image this build replaced, now untagged, is ~4 GB per rebuild: remove it when it is provably
+  # ours (it carries our build label) and nothing else names or runs it (`docker image rm` refuses).
+  if [ -n "$previous" ] && [ "$previous" != "$(docker image inspect --format '{{.Id}}' "$tag")" ] &&
+     [ -n "$(docker image inspect --format '{{index .Config.Labels "vllm-fleet.context"}}' "$previous" 2>/dev/null)" ] &&
+     [ -z "$(docker image inspect --format '{{join .RepoTags ""}}' "$previous" 2>/dev/null)" ]; then
+    docker image rm "$previous" >/dev/null 2>&1 &&
+      echo "build.sh: removed the image it replaced ($previous)" >&2 ||
+      echo "build.sh: kept the image it replaced ($previous): still in use" >&2
+  fi
 fi
 docker image inspect --format '{{.Id}}' "$tag"
