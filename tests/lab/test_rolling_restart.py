@@ -76,22 +76,30 @@ def start_load(fleet, tmp_path: Path, name: str, duration: float = 1800) -> tupl
     return proc, out
 
 
-@pytest.mark.lab
-def test_rolling_restart_under_load_has_zero_failed_requests(fleet):
-    """benchmarks/rolling_restart.py: light load alone, then during rolling_restart.yml; it exits 1
+# (load, clients, think time): the light load also runs in the lab tier (make test, CI); the heavy
+# one, issue 14's "3 concurrent clients with no think time" (the load a heal relaunches under),
+# in make test-day2.
+LOADS = [pytest.param("light", 1, 1, id="light", marks=pytest.mark.lab),
+         pytest.param("heavy", 3, 0, id="heavy")]
+
+
+@pytest.mark.parametrize("load,clients,think_time", LOADS)
+def test_rolling_restart_under_load_has_zero_failed_requests(fleet, load, clients, think_time):
+    """benchmarks/rolling_restart.py: the load alone, then during rolling_restart.yml; it exits 1
     on a failed playbook, any failed request, or p99 during / before above 2x. Its figures and
     the playbook's log stay in build/day2/ (docs/benchmarks/ records a run)."""
     before = {r: vllm_started_at(fleet, r) for r in fleet["replicas"]}
     out = REPO / "build" / "day2"
     out.mkdir(parents=True, exist_ok=True)
+    name = "rolling-restart" if load == "light" else f"rolling-restart-{load}"
     bench = subprocess.run([sys.executable, str(REPO / "benchmarks" / "rolling_restart.py"), "-i", str(INVENTORY),
-                            "--concurrency", "1", "--think-time", "1", "--before", "60", "--max-p99-ratio", "2",
-                            "--json", str(out / "rolling-restart.json"),
-                            "--playbook-log", str(out / "rolling-restart-playbook.log")],
+                            "--concurrency", str(clients), "--think-time", str(think_time), "--before", "60",
+                            "--max-p99-ratio", "2", "--json", str(out / f"{name}.json"),
+                            "--playbook-log", str(out / f"{name}-playbook.log")],
                            cwd=REPO, capture_output=True, text=True, timeout=4000)
-    (out / "rolling-restart-bench.txt").write_text(bench.stdout + bench.stderr)
+    (out / f"{name}-bench.txt").write_text(bench.stdout + bench.stderr)
     assert bench.returncode == 0, bench.stdout[-6000:] + bench.stderr[-3000:]
-    result = json.loads((out / "rolling-restart.json").read_text())
+    result = json.loads((out / f"{name}.json").read_text())
     assert result["during"]["failed"] == 0 and result["during"]["ok"] > 0
     assert result["p99_ratio"] <= 2
     for replica in fleet["replicas"]:
