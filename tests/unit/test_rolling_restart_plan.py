@@ -67,7 +67,8 @@ def test_a_limit_covering_whole_replicas_selects_them_only():
 def test_a_batch_that_takes_out_every_replica_behind_a_balancer_is_refused():
     p = plan(batch=3)
     assert p["problems"] == ["rolling_restart_batch=3 would take out all 3 replica(s) at once; lower it or set "
-                             "rolling_restart_allow_full_outage=true"]
+                             "rolling_restart_allow_full_outage to true "
+                             "(-e '{\"rolling_restart_allow_full_outage\": true}')"]
     assert plan(batch=3, allow_full_outage=True)["problems"] == []
     no_balancer = {k: v for k, v in GROUPS.items() if k != "fleet_loadbalancer"}
     assert plan(batch=3, groups=no_balancer)["problems"] == [], "no balancer: nothing to keep serving through"

@@ -137,7 +137,8 @@ def fleet_rolling_restart_plan(groups, hostvars, play_hosts, replicas=(), batch=
     elif not problems and (size < 1 or (not outage_ok and groups.get("fleet_loadbalancer")
                                         and size >= len(members))):
         problems.append(f"rolling_restart_batch={batch} would take out all {len(members)} replica(s) at once; "
-                        "lower it or set rolling_restart_allow_full_outage=true")
+                        "lower it or set rolling_restart_allow_full_outage to true "
+                        "(-e '{\"rolling_restart_allow_full_outage\": true}')")
     step = max(size, 1)
     chunks = [selected[i:i + step] for i in range(0, len(selected), step)]
     return {"replicas": selected, "all_replicas": sorted(members),
