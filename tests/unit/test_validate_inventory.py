@@ -290,3 +290,33 @@ def test_misspelled_role_setting_is_rejected_with_a_suggestion(tmp_path):
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0, out
     assert "host gpu-b: gpu_driver_brnach=550: unknown gpu_driver_* variable; did you mean gpu_driver_branch?" in out
+
+
+def run_rolling_restart(tmp_path: Path, inv: dict, *extra: str) -> subprocess.CompletedProcess:
+    path = tmp_path / "inventory.ini"
+    path.write_text(render(inv))
+    return subprocess.run(["ansible-playbook", "-i", str(path), str(REPO / "rolling_restart.yml"), *extra],
+                          cwd=REPO, capture_output=True, text=True, timeout=180)
+
+
+def test_rolling_restart_refuses_a_misspelled_setting_given_with_e_before_any_change(tmp_path):
+    """The rolling_restart role's settings are checked like the inventory's, -e included (extra vars
+    reach hostvars, which the validator reads): nothing is contacted, nothing drained."""
+    proc = run_rolling_restart(tmp_path, base_inventory(), "-e", "rolling_restart_bach=2")
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0, out
+    assert ("host gpu-a: rolling_restart_bach='2': unknown rolling_restart_* variable; "
+            "did you mean rolling_restart_batch?") in out, out
+    assert "nothing was changed on any host" in out, out
+    assert "Reach every selected serving host" not in out, out
+    assert "PLAY [Rolling restart - one batch" not in out, out
+
+
+def test_rolling_restart_says_how_to_give_a_boolean_on_the_command_line(tmp_path):
+    proc = run_rolling_restart(tmp_path, base_inventory(), "-e", "rolling_restart_force=true")
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0, out
+    assert ("host gpu-b: rolling_restart_force='true': is the string 'true', not a boolean: "
+            "-e rolling_restart_force=true always gives a string; give it as JSON: "
+            "-e '{\"rolling_restart_force\": true}'") in out, out
+    assert "Reach every selected serving host" not in out, out

@@ -86,3 +86,20 @@ def test_inventory_lint_passes_a_clean_file_and_names_each_slip_by_line():
     assert [(n, why.split(":")[0]) for n, _text, why in fleet_ini.find_slips(broken)] == [
         (2, "'ansible_host"), (4, "YAML-style 'key"), (5, "the value of fleet_fabric_interface would include the comment ('eth1 # fabric')"),
         (6, "not a section header")]
+
+
+def test_a_raw_setting_takes_a_list_or_a_string():
+    """rolling_restart_replicas (type raw): a list, or names separated by commas."""
+    spec = SPECS["rolling_restart_replicas"]
+    checker = validator.Checker({"h": {}}, {}, SPECS, DEFAULTS)
+    assert checker.check_value(spec, ["r1", "r2"], "rolling_restart_replicas") is None
+    assert checker.check_value(spec, "r1,r2", "rolling_restart_replicas") is None
+
+
+def test_a_misspelled_setting_is_named_and_internal_facts_are_not():
+    """Settings are <role>_*; a role's own facts are _<role>_* (never taken for a setting)."""
+    hosts = {"h": {"rolling_restart_bach": 2, "_rolling_restart_plan": {}, "_rolling_restart_is_head": True}}
+    problems = validator.Checker(hosts, {}, SPECS, DEFAULTS).run()
+    named = [(p.host, p.variable, p.message) for p in problems if "rolling_restart" in p.variable]
+    assert named == [("h", "rolling_restart_bach",
+                      "unknown rolling_restart_* variable; did you mean rolling_restart_batch?")], named

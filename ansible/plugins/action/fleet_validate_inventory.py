@@ -22,6 +22,7 @@ from __future__ import annotations
 import difflib
 import importlib.util
 import ipaddress
+import json
 import os
 import re
 import socket
@@ -622,10 +623,12 @@ def _coerce(value: Any, typ: str) -> tuple[bool, Any, str]:
         if isinstance(value, (list, tuple)):
             return True, list(value), ""
         return False, value, "must be a list, e.g. ['--enforce-eager']"
-    if typ in ("str", "path", "raw"):
+    if typ == "raw":  # any value, as in Ansible's argument specs (e.g. a list or a comma-separated string)
+        return True, value, ""
+    if typ in ("str", "path"):
         if isinstance(value, (dict, list)):
             return False, value, "must be a single value, not a %s" % type(value).__name__
-        return True, value if typ == "raw" else ("" if value is None else str(value)), ""
+        return True, "" if value is None else str(value), ""
     if typ == "dict":
         return (True, value, "") if isinstance(value, dict) else (False, value, "must be a mapping")
     return True, value, ""
@@ -662,7 +665,7 @@ class Checker:
                  connection_vars: Optional[Mapping[str, str]] = None,
                  plugins: Optional[Mapping[str, Iterable[str]]] = None,
                  resolver: Optional[Resolver] = None, env_owners: Optional[Mapping[str, str]] = None,
-                 controller_paths: bool = True):
+                 controller_paths: bool = True, command_line: Iterable[str] = ()):
         self.raw = hosts
         self.groups = groups
         self.specs = specs
@@ -670,6 +673,8 @@ class Checker:
         self.connection_vars = dict(connection_vars or FALLBACK_CONNECTION_VARS)
         self.plugins = {k: set(v) for k, v in (plugins or FALLBACK_PLUGINS).items()}
         self.resolver = resolver
+        # Variables given with -e: a key=value there is always a string, so the fix differs.
+        self.command_line = set(command_line)
         self.problems: list[Problem] = []
         self.reported: set[tuple[str, str]] = set()
         self.values: dict[str, dict[str, Any]] = {}
@@ -707,6 +712,10 @@ class Checker:
             spec = self.specs[name]
             reason = self.check_value(spec, value, name)
             if reason is not None:
+                if name in self.command_line and spec.get("type") == "bool" and isinstance(value, str):
+                    wanted = json.dumps({name: value.strip().lower() in ("true", "yes", "on", "1", "y")})
+                    reason = (f"is the string {value!r}, not a boolean: -e {name}={value} always gives a "
+                              f"string; give it as JSON: -e '{wanted}'")
                 self.add(host, name, self.shown(name, value), reason)
                 continue
             merged[name] = _coerce(value, spec.get("type", "str"))[1]
@@ -1241,11 +1250,17 @@ class ActionModule(ActionBase):
                                                    _template_reason(exc))
             hosts[host] = values
         connection_vars, plugins = ansible_connection_definitions()
+        try:  # the names given with -e (Ansible caches its parse of them)
+            from ansible.utils.vars import load_extra_vars
+            command_line = set(load_extra_vars(self._loader))
+        except Exception:  # pragma: no cover - only the message's advice depends on it
+            command_line = set()
         common_args = {h: str(v.get("ansible_ssh_common_args", "")) for h, v in hosts.items()}
         problems = validate(hosts, groups, specs, defaults, connection_vars=connection_vars, plugins=plugins,
                             resolver=lambda names: resolve_names(names, common_args),
                             env_owners=fabric_env_owners(),
-                            controller_paths=boolean(self._task.args.get("controller_paths", True), strict=False))
+                            controller_paths=boolean(self._task.args.get("controller_paths", True), strict=False),
+                            command_line=command_line)
         if problems:
             return dict(result, failed=True, msg=format_problems(problems))
         serving = [h for h in groups.get(HEAD_GROUP, []) + groups.get(WORKER_GROUP, [])]

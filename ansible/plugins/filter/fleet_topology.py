@@ -6,6 +6,8 @@
     {{ 'node2' | fleet_exporter_url(hostvars, 9445) }}         -> 'http://172.28.10.12:9445'
     {{ hostvars['node3'] | fleet_host_address }}              -> '172.28.10.13'
     {{ groups | fleet_healer_host }}                          -> 'node3'
+    {{ groups | fleet_rolling_restart_plan(hostvars, ansible_play_hosts_all, replicas='a,b', batch=1) }}
+        -> {'replicas': [{'name': 'a', 'head': 'node1', 'hosts': [...]}, ...], 'problems': [], ...}
 
 A replica is the serving hosts (group fleet_serving, inventory order) whose fleet_replica is its
 name (default 'main'); its head is the one of them in fleet_head, listed first.
@@ -80,6 +82,71 @@ def fleet_exporter_url(host, hostvars, default_port):
     return f"http://{addr}:{port}"
 
 
+def _replica_of(hostvars, host):
+    return str(_var(hostvars, host, "fleet_replica", "main"))
+
+
+def _wanted_replicas(replicas):
+    """rolling_restart_replicas: a list, or names separated by commas; blanks dropped."""
+    if replicas is None:
+        return []
+    items = replicas.split(",") if isinstance(replicas, str) else list(replicas)
+    return [str(r).strip() for r in items if str(r).strip()]
+
+
+def fleet_rolling_restart_plan(groups, hostvars, play_hosts, replicas=(), batch=1, allow_full_outage=False):
+    """What rolling_restart.yml restarts, in which order, in which batches (the plan play).
+
+    replicas: the replicas the play's hosts (--limit) cover, sorted by name, narrowed to
+    `replicas` (rolling_restart_replicas) when given; each {name, head, hosts} with its serving
+    hosts head first (fleet_replica_hosts). all_replicas: every replica's name, sorted. batches:
+    the selected replicas' names, `batch` at a time. serial: hosts per batch (the restart play's
+    serial). problems: why the selection cannot run (empty: it can), in the words the plan's
+    check shows; the first kind found is the one reported (named replicas and --limit, then an
+    empty selection, then a batch that would take out every replica behind a balancer).
+    """
+    try:
+        size = int(batch)
+    except (TypeError, ValueError):
+        size = 0
+    try:
+        from ansible.module_utils.parsing.convert_bool import boolean
+        outage_ok = boolean(allow_full_outage, strict=False)
+    except ImportError:  # pragma: no cover - pure-Python callers pass a bool
+        outage_ok = bool(allow_full_outage)
+    serving = list(groups.get("fleet_serving", []))
+    members = {}
+    for host in serving:
+        members.setdefault(_replica_of(hostvars, host), []).append(host)
+    wanted = _wanted_replicas(replicas)
+    problems = [f"rolling_restart_replicas names {r}, which is no replica (replicas: {', '.join(sorted(members))})"
+                for r in wanted if r not in members]
+    play = list(play_hosts)
+    touched = sorted({_replica_of(hostvars, h) for h in play} & set(wanted or members))
+    selected = []
+    for name in touched:
+        hosts = fleet_replica_hosts(groups, hostvars, name)
+        head = fleet_replica_head(groups, hostvars, name)
+        missing = [h for h in members[name] if h not in play]
+        if missing:
+            problems.append(f"--limit covers part of replica {name} but not {', '.join(missing)}: a replica "
+                            f"restarts as a whole; add its hosts or use -e rolling_restart_replicas={name}")
+        selected.append({"name": name, "head": head, "hosts": hosts})
+    if not problems and not selected:
+        problems.append("no replica selected")
+    elif not problems and (size < 1 or (not outage_ok and groups.get("fleet_loadbalancer")
+                                        and size >= len(members))):
+        problems.append(f"rolling_restart_batch={batch} would take out all {len(members)} replica(s) at once; "
+                        "lower it or set rolling_restart_allow_full_outage to true "
+                        "(-e '{\"rolling_restart_allow_full_outage\": true}')")
+    step = max(size, 1)
+    chunks = [selected[i:i + step] for i in range(0, len(selected), step)]
+    return {"replicas": selected, "all_replicas": sorted(members),
+            "batches": [[r["name"] for r in chunk] for chunk in chunks],
+            "serial": [sum(len(r["hosts"]) for r in chunk) for chunk in chunks],
+            "problems": problems}
+
+
 class FilterModule:
     def filters(self):
         return {"fleet_replica_hosts": fleet_replica_hosts,
@@ -87,4 +154,5 @@ class FilterModule:
                 "fleet_engine_hosts": fleet_engine_hosts,
                 "fleet_exporter_url": fleet_exporter_url,
                 "fleet_host_address": fleet_host_address,
-                "fleet_healer_host": fleet_healer_host}
+                "fleet_healer_host": fleet_healer_host,
+                "fleet_rolling_restart_plan": fleet_rolling_restart_plan}
