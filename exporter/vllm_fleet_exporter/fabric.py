@@ -11,7 +11,11 @@ INFO_KEYS = ("NCCL_SOCKET_IFNAME", "GLOO_SOCKET_IFNAME", "VLLM_HOST_IP", "FLEET_
 
 
 def _env_of(data: Dict[str, Any]) -> Dict[str, str]:
-    """The KEY=VALUE settings: at the top level or under env/environment/settings."""
+    """The KEY=VALUE settings: at the top level or under env/environment/settings/vars.
+
+    The fabric role writes them under "env" (fabric_env.render_json). The other layouts are never
+    written by this project; they stay until the engine tier's fixture, which writes the top-level
+    layout (tests/exporter/exporter_testlib.full_setup), moves to "env" (issue 19)."""
     for key in ("env", "environment", "settings", "vars"):
         sub = data.get(key)
         if isinstance(sub, dict) and any(str(k).startswith(("NCCL_", "GLOO_")) for k in sub):

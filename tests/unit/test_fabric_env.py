@@ -376,3 +376,38 @@ def test_fleet_fabric_facts_module_smoke(tmp_path):
     failed = run_module("fleet_fabric_facts", dict(args, head=dict(head, address="172.28.99.1")),
                         env={"STUB_IP_DATA": str(data)})
     assert failed["failed"] and "host node3: no route to head node1" in failed["msg"]
+
+
+# --- the one reader of fabric.env (filters fleet_fabric_env, fleet_fabric_node_ip) -----------------
+
+def _filters():
+    path = REPO / "ansible" / "plugins" / "filter" / "fleet_fabric.py"
+    spec = importlib.util.spec_from_file_location("fleet_fabric_filters_under_test", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.FilterModule().filters()
+
+
+# The roles' Jinja before issue 19 (ray_cluster, vllm_serve, firewall, model fanout).
+OLD_REGEX = r"(?m)^ *([A-Za-z_][A-Za-z0-9_]*) *=(.*)$"
+
+
+def test_one_reader_reads_what_the_role_writes(tmp_path):
+    head = head_result(tmp_path, "roce_v2")
+    text = fe.render_env_file(head)
+    filters = _filters()
+    env = filters["fleet_fabric_env"](text)
+    assert env == head["env"] == fe.parse_env_text(text) == dict(re.findall(OLD_REGEX, text))
+    assert env["NCCL_SOCKET_IFNAME"] == "=eth1", "NCCL's exact-match '=' stays in the value"
+    assert filters["fleet_fabric_node_ip"](env) == "172.28.20.11" == fe.node_ip(env)
+    assert fe.parse_env_text(text.replace("\n", "\r\n")) == env
+    assert filters["fleet_fabric_env"]("") == {} and filters["fleet_fabric_env"](None) == {}
+
+
+def test_node_address_order():
+    assert fe.NODE_IP_KEYS == ("FLEET_RAY_NODE_IP", "VLLM_HOST_IP")
+    ip = _filters()["fleet_fabric_node_ip"]
+    assert ip({"FLEET_RAY_NODE_IP": "10.0.0.1", "VLLM_HOST_IP": "10.0.0.2"}) == "10.0.0.1"
+    assert ip({"VLLM_HOST_IP": "10.0.0.2"}) == "10.0.0.2"
+    assert ip({"FLEET_RAY_NODE_IP": "", "VLLM_HOST_IP": "10.0.0.2"}) == "10.0.0.2"
+    assert ip({"NCCL_IB_DISABLE": "1"}) == "" == ip({}) == ip(None)

@@ -6,11 +6,16 @@
     {{ 'node2' | fleet_exporter_url(hostvars, 9445) }}         -> 'http://172.28.10.12:9445'
     {{ hostvars['node3'] | fleet_host_address }}              -> '172.28.10.13'
     {{ groups | fleet_healer_host }}                          -> 'node3'
+    {{ groups | fleet_replica_heads(hostvars) }}              -> [{'name': 'a', 'head': 'node1'}, {'name': 'b', ...}]
+    {{ ansible_play_hosts | fleet_run_replica(groups, hostvars, fleet_replica, '_role_replica') }}
+        -> {'members': ['node1', 'node2', 'node3'], 'heads': ['node1'], 'hosts': ['node1', 'node2', 'node3']}
     {{ groups | fleet_rolling_restart_plan(hostvars, ansible_play_hosts_all, replicas='a,b', batch=1) }}
         -> {'replicas': [{'name': 'a', 'head': 'node1', 'hosts': [...]}, ...], 'problems': [], ...}
 
 A replica is the serving hosts (group fleet_serving, inventory order) whose fleet_replica is its
-name (default 'main'); its head is the one of them in fleet_head, listed first.
+name (default 'main'); its head is the one of them in fleet_head, listed first. A role that acts
+on a replica as this run sees it (the fabric, ray_cluster and vllm_serve roles: --limit, hosts that
+failed) uses fleet_run_replica instead.
 """
 
 from __future__ import annotations
@@ -41,6 +46,39 @@ def fleet_replica_head(groups, hostvars, replica):
         raise AnsibleFilterError(f"replica {replica!r} has {len(heads)} heads in fleet_head "
                                  f"({', '.join(heads) or 'none'}); it needs exactly one")
     return heads[0]
+
+
+def fleet_replica_heads(groups, hostvars):
+    """Every head (group fleet_head, in its order) with its replica's name: [{'name', 'head'}]."""
+    return [{"name": _replica_of(hostvars, head), "head": head} for head in groups.get("fleet_head", [])]
+
+
+def fleet_run_replica(hosts, groups, hostvars, replica, key):
+    """A replica as this run sees it.
+
+    hosts: the hosts to look at, in the order wanted (ansible_play_hosts). key: the fact each host
+    set to its own fleet_replica at the start of the role (set_fact): a host without it did not
+    run the role in this play (--limit, failed before) and is left out, as is a name that is no
+    host. Returns members: the hosts whose key equals replica, in the order of hosts; heads: the
+    members in fleet_head, same order (the caller checks there is exactly one); hosts: heads
+    first, then the other members.
+    """
+    head_group = set(groups.get("fleet_head", []) or [])
+    members = []
+    for host in hosts:
+        if host not in hostvars:
+            continue
+        try:
+            hv = hostvars[host]
+            if key not in hv:
+                continue
+            value = hv[key]
+        except Exception:  # an undefined or unrenderable fact: not in this run
+            continue
+        if value == replica:
+            members.append(host)
+    heads = [h for h in members if h in head_group]
+    return {"members": members, "heads": heads, "hosts": heads + [h for h in members if h not in heads]}
 
 
 def fleet_engine_hosts(groups, hostvars, replica, engine, pipeline_parallel_size):
@@ -151,6 +189,8 @@ class FilterModule:
     def filters(self):
         return {"fleet_replica_hosts": fleet_replica_hosts,
                 "fleet_replica_head": fleet_replica_head,
+                "fleet_replica_heads": fleet_replica_heads,
+                "fleet_run_replica": fleet_run_replica,
                 "fleet_engine_hosts": fleet_engine_hosts,
                 "fleet_exporter_url": fleet_exporter_url,
                 "fleet_host_address": fleet_host_address,

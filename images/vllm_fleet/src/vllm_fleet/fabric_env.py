@@ -45,7 +45,8 @@ __all__ = [
     "FabricError", "parse_route_get", "parse_addr_show", "parse_default_routes",
     "read_infiniband", "select_gid_index", "compute_head", "compute_worker", "compute_ib",
     "render_env_file", "render_nccl_conf", "render_json", "summary_line", "render_table", "collect",
-    "subprocess_runner", "detect", "load_env_file", "ENV_KEYS", "ENV_OWNERS",
+    "subprocess_runner", "detect", "parse_env_text", "load_env_file", "node_ip", "ENV_KEYS", "ENV_OWNERS",
+    "NODE_IP_KEYS",
 ]
 
 #: Keys written to /etc/vllm-fleet/fabric.env, in this order when present.
@@ -53,6 +54,12 @@ ENV_KEYS = (
     "NCCL_SOCKET_IFNAME", "GLOO_SOCKET_IFNAME", "VLLM_HOST_IP", "FLEET_RAY_NODE_IP",
     "NCCL_IB_DISABLE", "NCCL_IB_HCA", "NCCL_IB_GID_INDEX", "NCCL_IB_ROCE_VERSION_NUM",
 )
+
+#: The keys of fabric.env that hold the node's fabric address, in the order a reader takes them
+#: (the first non-empty one). Both are written, with the same address (render_env_file); the Ray
+#: node IP comes first as in fleet-ray-node (entrypoints/ray_node.py) and the exporter, so the
+#: address the roles use is the one the Ray head's GCS listens on.
+NODE_IP_KEYS = ("FLEET_RAY_NODE_IP", "VLLM_HOST_IP")
 
 #: The inventory setting that decides each of ENV_KEYS: a hand-set value of one of these in a
 #: container's environment would override this module's decision (the validate stage refuses it).
@@ -741,18 +748,34 @@ def detect(*, host: str, role: str, head_address: str = "", head_host: str = "",
     return build_result(node, ib)
 
 
-def load_env_file(path: str = "/etc/vllm-fleet/fabric.env") -> Dict[str, str]:
-    """Read fabric.env (KEY=VALUE lines; '#' comments). Missing file: {}."""
+def parse_env_text(text: str) -> Dict[str, str]:
+    """fabric.env's text (KEY=VALUE lines; '#' comments) as a dict: the one parser of the file,
+    for the image and, through the filter fleet_fabric_env, for the roles."""
     env: Dict[str, str] = {}
+    for line in re.split(r"\r\n|\r|\n", text or ""):  # the line ends open() reads as one
+        line = line.strip()
+        if not line or line.startswith("#") or "=" not in line:
+            continue
+        key, value = line.split("=", 1)
+        if re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", key):
+            env[key] = value
+    return env
+
+
+def load_env_file(path: str = "/etc/vllm-fleet/fabric.env") -> Dict[str, str]:
+    """Read fabric.env (parse_env_text). Missing file: {}."""
     try:
         with open(path, encoding="utf-8") as handle:
-            for line in handle:
-                line = line.strip()
-                if not line or line.startswith("#") or "=" not in line:
-                    continue
-                key, value = line.split("=", 1)
-                if re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", key):
-                    env[key] = value
+            return parse_env_text(handle.read())
     except OSError:
         return {}
-    return env
+
+
+def node_ip(env: Dict[str, str]) -> str:
+    """The node's fabric address from fabric.env's settings: the first non-empty of NODE_IP_KEYS;
+    '' when there is none (the fabric stage did not run)."""
+    for key in NODE_IP_KEYS:
+        value = (env or {}).get(key)
+        if value:
+            return str(value)
+    return ""

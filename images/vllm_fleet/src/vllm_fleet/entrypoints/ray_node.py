@@ -17,7 +17,7 @@ import socket
 import sys
 import time
 
-from .. import ray_auth
+from .. import fabric_env, ray_auth
 from . import die, first, launch, merged_env
 
 # (flag, env var, default, ray option); env vars are what the ray_cluster role passes.
@@ -66,7 +66,7 @@ def parser():
 
 def build_command(args, env):
     """Return (argv, env) for `ray start --block ...`. Raises ValueError on bad settings."""
-    node_ip = args.node_ip or first(env, "FLEET_RAY_NODE_IP", "VLLM_HOST_IP")
+    node_ip = args.node_ip or first(env, *fabric_env.NODE_IP_KEYS)
     if not node_ip:
         raise ValueError("no node IP: pass --node-ip or set FLEET_RAY_NODE_IP/VLLM_HOST_IP "
                          "(the fabric role writes them to /etc/vllm-fleet/fabric.env)")
