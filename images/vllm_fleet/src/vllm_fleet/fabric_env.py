@@ -7,8 +7,8 @@ Pure, stdlib-only, Python >= 3.9. The same file is used by
 
 * the ``fabric`` Ansible role, through the symlink
   ``ansible/plugins/module_utils/fleet_fabric_env.py`` (module ``fleet_fabric_facts``), and
-* the serving image's entrypoints (``vllm_fleet.fabric_env``), which read the env file the role
-  wrote or recompute the settings when it is absent.
+* the serving image's entrypoints, which read the env file the role wrote (``entrypoints.merged_env``;
+  without the file they run with the container's own environment only, nothing is recomputed).
 
 Rules (docs/design.md, roles/fabric/README.md):
 
