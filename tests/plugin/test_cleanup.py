@@ -21,10 +21,9 @@ from vllm_fleet import cleanup
 OWNER = r"""
 import os, sys, time, uuid
 from multiprocessing import shared_memory, resource_tracker
-from vllm_fleet import state
-from vllm_fleet.hooks import shm
+from vllm_fleet import plugin, state
 state.register_member()
-shm._record_shm_segments()
+plugin._record_shm_segments()
 rec = shared_memory.SharedMemory(create=True, size=4096)
 resource_tracker.unregister(rec._name, "shared_memory")
 orig = shared_memory.SharedMemory.__init__.__wrapped__  # vLLM's unwrapped call: not recorded
