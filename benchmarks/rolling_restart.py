@@ -82,6 +82,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="tenant key file (default: the inventory's generated key of its first tenant)")
     p.add_argument("--ca-file", default="", help="CA bundle (default: the inventory's lab CA when generated)")
     p.add_argument("--before", type=float, default=60.0, help="seconds of load before the restart")
+    p.add_argument("--warmup", type=float, default=30.0,
+                   help="seconds of the same load first, not counted: a freshly started engine's first "
+                        "requests (compilation, caches) would inflate the 'before' p99 and flatter the ratio")
     p.add_argument("--concurrency", type=int, default=4)
     p.add_argument("--think-time", type=float, default=0.0,
                    help="seconds each load worker waits between requests (the 2-core lab: 1)")
@@ -103,6 +106,10 @@ def main(argv: list[str] | None = None) -> int:
         args.ca_file = args.ca_file or door["ca_file"]
 
     with tempfile.TemporaryDirectory() as tmp:
+        if args.warmup > 0:
+            print(f"[bench] warm-up: {args.warmup:.0f}s of load, not counted", flush=True)
+            subprocess.run(loadgen_cmd(args, args.warmup, os.path.join(tmp, "warmup.json")), check=False,
+                           timeout=args.warmup + args.timeout + 60)
         print(f"[bench] before: {args.before:.0f}s of load on {args.base_url}", flush=True)
         before_json = os.path.join(tmp, "before.json")
         subprocess.run(loadgen_cmd(args, args.before, before_json), check=False,
