@@ -184,9 +184,15 @@ def pick(fleet: Fleet, mode: str, replica: str, host: str) -> tuple[str, str, st
         host = host or fleet.engine_hosts(replica)[1]
         if mode == "freeze-stage":
             return replica, host, f"sudo docker pause {dep}-vllm", ""
-        nic = fleet.ssh(host, "sed -n 's/^NCCL_SOCKET_IFNAME=//p' /etc/vllm-fleet/fabric.env").stdout.strip()
+        # GLOO_SOCKET_IFNAME is one plain interface name; NCCL_SOCKET_IFNAME may carry NCCL's
+        # exact-match '=' prefix ("==eth1" in the file) or a list.
+        env = dict(line.split("=", 1) for line in
+                   fleet.ssh(host, "cat /etc/vllm-fleet/fabric.env").stdout.splitlines() if "=" in line
+                   and not line.startswith("#"))
+        nic = env.get("GLOO_SOCKET_IFNAME", "").strip() or \
+            env.get("NCCL_SOCKET_IFNAME", "").lstrip("=^").split(",")[0].strip()
         if not nic:
-            raise SystemExit(f"{host}: no NCCL_SOCKET_IFNAME in /etc/vllm-fleet/fabric.env")
+            raise SystemExit(f"{host}: no GLOO_SOCKET_IFNAME / NCCL_SOCKET_IFNAME in /etc/vllm-fleet/fabric.env")
         return replica, host, f"sudo ip link set {nic} down", f"sudo ip link set {nic} up"
     if mode == "kill-ray-node":
         replica = replica or next(r for r in sorted(fleet.replicas)
