@@ -108,7 +108,8 @@ def test_config_has_one_server_per_replica_head_and_passes_haproxy_check(tmp_pat
     assert re.search(r"timeout client 15m", defaults)
     assert re.search(r"^\s+retries 3$", defaults, re.M)
     assert re.search(r"option redispatch 1$", defaults, re.M), "every retry may go to another replica"
-    assert "retry-on conn-failure empty-response 503" in defaults
+    assert "retry-on conn-failure empty-response 500 503" in defaults
+    assert re.search(r"^\s+option http-buffer-request$", defaults, re.M), "only a buffered request can be replayed"
     assert "load-server-state-from-file global" in defaults
     glob = section(config, "global")
     assert f"stats socket {tmp_path / 'admin.sock'} mode 660 level admin" in glob

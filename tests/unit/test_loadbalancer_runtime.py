@@ -332,6 +332,27 @@ def test_dead_server_still_believed_up_is_retried_on_the_other_replica(tmp_path)
         backends["r2"].stop()
 
 
+def test_engine_dead_500_is_retried_on_the_other_replica(tmp_path):
+    """vLLM's API server answers HTTP 500 at once ("EngineCore encountered an issue") while its
+    engine core is dead, for the seconds before the verdict takes the replica out; /health may still
+    say 200. HAProxy retries such a request on another replica (retry-on 500), before any byte of it
+    reached the client. (Seen on the lab: kill -9 of the engine core failed 3 requests in 4.6 s.)"""
+    backends = {"r1": FakeVLLM("r1").start(), "r2": FakeVLLM("r2").start()}
+    balancer = Balancer(tmp_path, backends, loadbalancer_check_interval="30s")
+    try:
+        backends["r1"].fail_status = 500
+        for i in range(12):
+            response = chat(balancer.url, stream=bool(i % 2))
+            assert response.status_code == 200, response.text
+            assert response.headers["x-fake-backend"] == "r2"
+        assert balancer.servers()["r1"]["status"].startswith("UP"), \
+            "r1 left rotation meanwhile: the requests were not retried, only routed elsewhere"
+    finally:
+        balancer.stop()
+        for backend in backends.values():
+            backend.stop()
+
+
 STUB_DOCKER = """#!/bin/sh
 # stub_docker: no fleet container exists here; images all have the same ID.
 case "$1" in
