@@ -40,6 +40,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+# The one fabric.env reader (stdlib only), as the roles use it through their filter.
+_fe_spec = importlib.util.spec_from_file_location(
+    "fleet_fabric_env", REPO / "images/vllm_fleet/src/vllm_fleet/fabric_env.py")
+fabric_env = importlib.util.module_from_spec(_fe_spec)
+_fe_spec.loader.exec_module(fabric_env)
 _spec = importlib.util.spec_from_file_location("rolling_restart_bench", REPO / "benchmarks/rolling_restart.py")
 rr = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(rr)  # endpoint_from_inventory, loadgen_cmd, ansible_tool: one owner
@@ -186,9 +191,7 @@ def pick(fleet: Fleet, mode: str, replica: str, host: str) -> tuple[str, str, st
             return replica, host, f"sudo docker pause {dep}-vllm", ""
         # GLOO_SOCKET_IFNAME is one plain interface name; NCCL_SOCKET_IFNAME may carry NCCL's
         # exact-match '=' prefix ("==eth1" in the file) or a list.
-        env = dict(line.split("=", 1) for line in
-                   fleet.ssh(host, "cat /etc/vllm-fleet/fabric.env").stdout.splitlines() if "=" in line
-                   and not line.startswith("#"))
+        env = fabric_env.parse_env_text(fleet.ssh(host, "cat /etc/vllm-fleet/fabric.env").stdout)
         nic = env.get("GLOO_SOCKET_IFNAME", "").strip() or \
             env.get("NCCL_SOCKET_IFNAME", "").lstrip("=^").split(",")[0].strip()
         if not nic:
