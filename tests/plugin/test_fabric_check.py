@@ -6,11 +6,12 @@ import socket
 import subprocess
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
 from conftest import ENGINE_PY, child_env, engine_has
-from tests.engine_parts import RAY_NET
+from tests.engine_parts import RAY_NET, freeze_env
 from vllm_fleet.fabric_check import launcher
 from vllm_fleet.fabric_check.cli import parse_size
 from vllm_fleet.fabric_check.coordinator import fabric_port
@@ -84,54 +85,12 @@ def test_missing_node_times_out_naming_it(torch_py):
     assert elapsed < 4 + launcher.HARD_EXTRA_S + launcher.SILENT_S + launcher.ASK_S + 120
 
 
-# A TCPStore client of the check's coordinator (as the ranks' heartbeats are): the moment a rank
-# is inside the all-reduce sweep (progress step >= 3: join, communicator init, first size), it
-# SIGSTOPs that rank's process (its pid is in the rank's registration) and prints the pid and the
-# time of the stop. Finding the coordinator tries each address with a short connect (only node 0
-# listens); watching it then uses a connection with a long timeout, so that a busy machine slows
-# it down without failing it. Exit 3: the check ended before the rank reached the sweep.
-STOP_IN_SWEEP = r"""
-import datetime, json, os, signal, sys, time
-from torch.distributed import TCPStore
-print("ready", flush=True)  # torch imported: the test starts the check only now
-hosts, port, rank, launch_id = sys.argv[1].split(","), int(sys.argv[2]), sys.argv[3], sys.argv[4]
-deadline = time.time() + 600
-found, i = None, 0
-while found is None and time.time() < deadline:
-    host = hosts[i % len(hosts)]
-    i += 1
-    try:
-        s = TCPStore(host, port, 2, False, timeout=datetime.timedelta(seconds=2),
-                     wait_for_workers=False)
-        if s.check(["launch_id"]) and s.get("launch_id").decode() == launch_id:
-            found = host
-            continue
-    except Exception:
-        pass
-    time.sleep(0.1)
-if found is None:
-    sys.exit("no coordinator of %s at %s:%d" % (launch_id, hosts, port))
-store = TCPStore(found, port, 2, False, timeout=datetime.timedelta(seconds=120),
-                 wait_for_workers=False)
-while time.time() < deadline:
-    try:
-        progress = json.loads(store.get("progress/" + rank)) if store.check(["progress/" + rank]) else None
-    except Exception as exc:  # the coordinator (node 0's rank 0) is gone: the check ended
-        print("check ended before rank %s reached the sweep: %s" % (rank, exc), file=sys.stderr)
-        sys.exit(3)
-    if progress and progress[0] >= 3:
-        pid = json.loads(store.get("rank/" + rank))["pid"]
-        os.kill(pid, signal.SIGSTOP)
-        print(pid, time.time(), progress[1], flush=True)
-        sys.exit(0)
-    time.sleep(0.01)
-sys.exit("rank %s not inside the sweep after 600 s" % rank)
-"""
-
 # Step timeout of the SIGSTOP tests: long enough for every rank to start, join and set up its
 # communicator on a busy 2-core machine (ranks that start seconds apart, each importing torch),
 # so that the timeout that ends the check is the stopped rank's, never a slow start's.
 STOP_TIMEOUT_S = 30
+FREEZE_STEP = 3  # the sweep's first all-reduce (1 join, 2 communicator init)
+FROZEN_WAIT_S = 660  # every rank started (torch imported) on a busy machine
 
 
 def _read_lines(stream, sink):
@@ -139,19 +98,28 @@ def _read_lines(stream, sink):
         sink.append(line)
 
 
-def _start_stopper(python, hosts: str, port: int, launch_id: str) -> subprocess.Popen:
-    """STOP_IN_SWEEP for rank 1, returned once its torch import is done: on a busy machine the
-    import can outlast the whole sweep, and the stopper then never finds the check running."""
-    stopper = subprocess.Popen([str(python), "-c", STOP_IN_SWEEP, hosts, str(port), "1", launch_id],
-                               env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    first: list[str] = []
-    reader = threading.Thread(target=lambda: first.append(stopper.stdout.readline()), daemon=True)
-    reader.start()
-    reader.join(600)
-    if not (first and first[0].strip() == "ready"):
-        stopper.kill()
-        raise AssertionError(f"the stopper did not start within 600 s: {first} {stopper.stderr.read()[-3000:]}")
-    return stopper
+def _plan_freeze(plan_dir: Path, launch_id: str, rank: int = 1) -> Path:
+    """Rank ``rank`` of ``launch_id`` stops itself (SIGSTOP) on entering the sweep's first
+    all-reduce (tests/freeze_rank): inside the sweep every time, however busy the machine."""
+    plan = plan_dir / launch_id
+    for old in (plan, plan.with_name(plan.name + ".stopped")):
+        old.unlink(missing_ok=True)
+    plan.write_text(f"{rank} {FREEZE_STEP}\n")
+    return plan.with_name(plan.name + ".stopped")
+
+
+def _wait_frozen(report: Path, procs, output) -> tuple[int, float]:
+    """(pid, time) of the frozen rank, once it has stopped itself; fails if the check ended
+    first or nothing froze within FROZEN_WAIT_S."""
+    deadline = time.time() + FROZEN_WAIT_S
+    while not report.exists():
+        if all(p.poll() is not None for p in procs) or time.time() > deadline:
+            raise AssertionError(f"no rank froze within {FROZEN_WAIT_S}s (check ended: "
+                                 f"{[p.poll() for p in procs]}):\n{output()[-6000:]}")
+        time.sleep(0.2)
+    pid, when, what = report.read_text().split(maxsplit=2)
+    assert what.startswith("all_reduce "), what  # inside the sweep
+    return int(pid), float(when)
 
 
 def _resume_and_reap(stopped, procs):
@@ -167,7 +135,7 @@ def _resume_and_reap(stopped, procs):
             proc.wait(10)
 
 
-def test_stopped_rank_is_named_and_every_node_ends_within_the_hard_timeout(torch_py):
+def test_stopped_rank_is_named_and_every_node_ends_within_the_hard_timeout(torch_py, tmp_path):
     """A rank frozen for real (SIGSTOP) inside the all-reduce sweep, on the second of two nodes:
     its peer names it (node, rank, interface, not responding) and exits 124; its own node's
     launcher names it as stopped and ends too; both within the hard timeout, never hanging."""
@@ -175,9 +143,9 @@ def test_stopped_rank_is_named_and_every_node_ends_within_the_hard_timeout(torch
     port = _free_port()
     common = ["--nnodes", "2", "--nproc-per-node", "1", "--launch-id", "fc-stop",
               "--master-port", str(port), "--timeout", str(timeout), "--max-size", "64M"]
-    env = child_env(FLEET_NODE_NAME="fabhost")
+    env = child_env(FLEET_NODE_NAME="fabhost", **freeze_env(tmp_path))
     nodes, out, stopped = [], {0: [], 1: []}, None
-    stopper = _start_stopper(torch_py, "127.0.0.1", port, "fc-stop")  # ready before the check begins
+    report = _plan_freeze(tmp_path, "fc-stop")
     try:
         for rank in (0, 1):
             p = subprocess.Popen(_cmd(torch_py, "--node-rank", str(rank), *common), env=env,
@@ -185,9 +153,7 @@ def test_stopped_rank_is_named_and_every_node_ends_within_the_hard_timeout(torch
             nodes.append(p)
             for stream in (p.stdout, p.stderr):
                 threading.Thread(target=_read_lines, args=(stream, out[rank]), daemon=True).start()
-        w_out, w_err = stopper.communicate(timeout=660)
-        assert stopper.returncode == 0, w_err[-3000:] + "".join(out[0] + out[1])
-        stopped, t_stop = int(w_out.split()[0]), float(w_out.split()[1])  # inside the sweep
+        stopped, t_stop = _wait_frozen(report, nodes, lambda: "".join(out[0] + out[1]))
         assert all(p.poll() is None for p in nodes), "".join(out[0] + out[1])
         hard = timeout + launcher.HARD_EXTRA_S
         for p in nodes:
@@ -211,7 +177,7 @@ def test_stopped_rank_is_named_and_every_node_ends_within_the_hard_timeout(torch
         assert hard - 1 <= took < hard + launcher.SILENT_S + launcher.ASK_S + 60, took
         print(f"SIGSTOP timeout path: both nodes ended {took:.1f}s after the stop\n{peer}{own}")
     finally:
-        _resume_and_reap(stopped, nodes + [stopper])
+        _resume_and_reap(stopped, nodes)
 
 
 # --- Ray launcher: the real local Ray cluster of two nodes (tests/conftest.py: ray_cluster) ---
@@ -276,7 +242,7 @@ def test_ray_launcher_names_the_node_of_a_stopped_rank(ray_cluster):
     """A rank frozen (SIGSTOP) on one Ray node: the driver still ends within the hard timeout,
     with that node's rank named as stopped and its peer naming it as not responding."""
     timeout = STOP_TIMEOUT_S
-    stopper = _start_stopper(ENGINE_PY, f"{RAY_NET}.2,{RAY_NET}.3", fabric_port("fc-ray-stop"), "fc-ray-stop")
+    report = _plan_freeze(ray_cluster[0].freeze_dir, "fc-ray-stop")
     p = subprocess.Popen(_ray_cmd(ray_cluster, "fc-ray-stop", "--max-size", "64M", "--timeout",
                                   str(timeout), "--ray-timeout", "180"),
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -285,11 +251,9 @@ def test_ray_launcher_names_the_node_of_a_stopped_rank(ray_cluster):
     threading.Thread(target=_read_lines, args=(p.stdout, out), daemon=True).start()
     threading.Thread(target=_read_lines, args=(p.stderr, err), daemon=True).start()
     try:
-        # the ranks' ready lines come back with the node's output only at the end: watch the
-        # coordinator instead and stop rank 1 once it is inside the sweep
-        w_out, w_err = stopper.communicate(timeout=660)
-        assert stopper.returncode == 0, w_err[-3000:] + "".join(out + err)
-        stopped, t_stop = int(w_out.split()[0]), float(w_out.split()[1])
+        # the ranks' output comes back with the node's only at the end: the freeze report says
+        # when rank 1 stopped
+        stopped, t_stop = _wait_frozen(report, [p], lambda: "".join(out + err))
         assert p.poll() is None, "".join(out + err)
         p.wait(timeout=timeout + launcher.HARD_EXTRA_S + launcher.SILENT_S + launcher.ASK_S + 180)
         took = time.time() - t_stop
@@ -304,7 +268,7 @@ def test_ray_launcher_names_the_node_of_a_stopped_rank(ray_cluster):
         assert took < timeout + launcher.HARD_EXTRA_S + launcher.SILENT_S + launcher.ASK_S + 120, took
         print(f"Ray launcher, SIGSTOP of rank 1: ended {took:.1f}s after the stop\n{own}{peer}")
     finally:
-        _resume_and_reap(stopped, [p, stopper])
+        _resume_and_reap(stopped, [p])
 
 
 @pytest.mark.engine
