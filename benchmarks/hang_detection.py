@@ -343,7 +343,8 @@ def main(argv: list[str] | None = None) -> int:
     result.update(requests=summary.get("total"), failed=len(failed),
                   failed_errors=sorted({r.get("error", "")[:120] for r in failed}),
                   latency_p99_s=summary.get("latency_p99_s"))
-    actions = f"{fleet.var(fleet.healer, 'fleet_healer_state_dir', '/var/lib/vllm-fleet/healer')}/actions.jsonl"
+    healer_dir = fleet.var(fleet.healer, 'fleet_healer_state_dir', '/var/lib/vllm-fleet/healer')
+    actions = f"{healer_dir}/actions.jsonl"
 
     def heal_records():
         heals = fleet.ssh(fleet.healer, f"sudo cat {shlex.quote(actions)}")
@@ -361,6 +362,13 @@ def main(argv: list[str] | None = None) -> int:
     result["healer"] = settled[0] if settled else heal_records()
     (log_dir / "alerts.json").write_text(json.dumps([{"t": t, **a} for t, a in sink.alerts], indent=1))
     (log_dir / "healer-actions.json").write_text(json.dumps(result["healer"], indent=1))
+    # the relaunch's own log (its task timings: profile_tasks) of each heal since the fault
+    if args.mode != "soak" and "fault_at" in result:
+        logs = fleet.ssh(fleet.healer, f"sudo find {shlex.quote(healer_dir)} -maxdepth 1 -name 'heal-*.log' "
+                         f"-newermt @{int(result['fault_at'])} -printf '%f\\n'")
+        for name in logs.stdout.split():
+            text = fleet.ssh(fleet.healer, f"sudo cat {shlex.quote(healer_dir + '/' + name)}").stdout
+            (log_dir / name).write_text(text)
 
     if args.mode != "soak":
         for key, bound in (("out_s", args.max_out_s), ("alert_s", args.max_alert_s), ("back_s", args.max_back_s)):
