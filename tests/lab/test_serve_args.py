@@ -10,7 +10,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "images" / "vllm_fleet" / "src"))
 
 from vllm_fleet import launch  # noqa: E402
-from vllm_fleet.entrypoints import ray_node, read_env_file, serve  # noqa: E402
+from vllm_fleet.entrypoints import merged_env, ray_node, serve  # noqa: E402
 from tests.launch_ids import colliding_launch_ids
 
 
@@ -48,12 +48,13 @@ def flags(argv):
     return out
 
 
-def test_env_file(tmp_path):
+def test_env_file_under_the_container_env(tmp_path):
+    """The entrypoints read fabric.env with fabric_env's reader; the container's own env wins."""
     p = tmp_path / "fabric.env"
     p.write_text("# c\nNCCL_SOCKET_IFNAME=fab0\n\nVLLM_HOST_IP=172.28.20.13\nBAD\nX=a=b\n")
-    assert read_env_file(p) == {"NCCL_SOCKET_IFNAME": "fab0", "VLLM_HOST_IP": "172.28.20.13",
-                                "X": "a=b"}
-    assert read_env_file(tmp_path / "missing") == {}
+    assert merged_env({"X": "mine"}, str(p)) == {"NCCL_SOCKET_IFNAME": "fab0",
+                                                  "VLLM_HOST_IP": "172.28.20.13", "X": "mine"}
+    assert merged_env({"X": "mine"}, str(tmp_path / "missing")) == {"X": "mine"}
 
 
 def test_ray_head_binds_node_ip_everywhere():

@@ -9,34 +9,16 @@ import json
 import os
 import sys
 
+from ..fabric_env import load_env_file
+
 FABRIC_ENV = "/etc/vllm-fleet/fabric.env"
-
-
-def read_env_file(path):
-    """Parse a docker ``--env-file``: KEY=VALUE lines, ``#`` comments, no quoting, no expansion."""
-    out = {}
-    try:
-        with open(path, encoding="utf-8") as fh:
-            lines = fh.read().splitlines()
-    except FileNotFoundError:
-        return out
-    for line in lines:
-        line = line.strip()
-        if not line or line.startswith("#") or "=" not in line:
-            continue
-        key, _, value = line.partition("=")
-        key = key.strip()
-        if key.startswith("export "):
-            key = key[len("export "):].strip()
-        out[key] = value
-    return out
 
 
 def merged_env(environ=None, fabric_env_path=None):
     """The process environment over the fabric env file (the container's own env wins)."""
     environ = dict(os.environ if environ is None else environ)
     path = fabric_env_path or environ.get("FLEET_FABRIC_ENV", FABRIC_ENV)
-    merged = read_env_file(path)
+    merged = load_env_file(path)  # fabric_env's, the one reader of the file
     merged.update(environ)
     return merged
 
