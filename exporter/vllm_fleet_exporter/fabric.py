@@ -10,17 +10,13 @@ INFO_KEYS = ("NCCL_SOCKET_IFNAME", "GLOO_SOCKET_IFNAME", "VLLM_HOST_IP", "FLEET_
              "NCCL_IB_DISABLE", "NCCL_IB_HCA", "NCCL_NET", "NCCL_P2P_DISABLE", "NCCL_IB_GID_INDEX")
 
 
-def _env_of(data: Dict[str, Any]) -> Dict[str, str]:
-    """The KEY=VALUE settings: at the top level or under env/environment/settings/vars.
-
-    The fabric role writes them under "env" (fabric_env.render_json). The other layouts are never
-    written by this project; they stay until the engine tier's fixture, which writes the top-level
-    layout (tests/exporter/exporter_testlib.full_setup), moves to "env" (issue 19)."""
-    for key in ("env", "environment", "settings", "vars"):
-        sub = data.get(key)
-        if isinstance(sub, dict) and any(str(k).startswith(("NCCL_", "GLOO_")) for k in sub):
-            return {str(k): _s(v) for k, v in sub.items() if not isinstance(v, (dict, list))}
-    return {str(k): _s(v) for k, v in data.items() if not isinstance(v, (dict, list))}
+def _env_of(data: Dict[str, Any], path: str) -> Dict[str, str]:
+    """The KEY=VALUE settings: under "env", as the fabric role writes the file
+    (fabric_env.render_json); anything else is not our file and is refused, naming it."""
+    env = data.get("env")
+    if not isinstance(env, dict):
+        raise ValueError(f"{path}: no \"env\" object (the fabric role writes its settings there)")
+    return {str(k): _s(v) for k, v in env.items() if not isinstance(v, (dict, list))}
 
 
 def _s(v: Any) -> str:
@@ -38,7 +34,7 @@ def load_fabric(path: str) -> Optional[Dict[str, str]]:
         return None
     if not isinstance(data, dict):
         raise ValueError(f"{path}: not a JSON object")
-    return _env_of(data)
+    return _env_of(data, path)
 
 
 def ib_expected(env: Dict[str, str]) -> bool:

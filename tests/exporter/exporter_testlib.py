@@ -258,9 +258,9 @@ def full_setup(tmp_path: Path, state_root: Path, engine_url: str = "", ray_url: 
     fabric, NCCL logs, and NVML through fake_nvml (a pynvml module answering 2 GPUs: no GPU
     driver here)."""
     fabric = tmp_path / "fabric.json"
-    fabric.write_text(json.dumps({"NCCL_SOCKET_IFNAME": "fab0", "GLOO_SOCKET_IFNAME": "fab0",
-                                  "VLLM_HOST_IP": "172.28.20.13", "NCCL_IB_DISABLE": "0",
-                                  "NCCL_IB_HCA": "mlx5_0", "FLEET_RAY_NODE_IP": ray_node_ip,
+    fabric.write_text(json.dumps({"env": {"NCCL_SOCKET_IFNAME": "fab0", "GLOO_SOCKET_IFNAME": "fab0",
+                                          "VLLM_HOST_IP": "172.28.20.13", "NCCL_IB_DISABLE": "0",
+                                          "NCCL_IB_HCA": "mlx5_0", "FLEET_RAY_NODE_IP": ray_node_ip},
                                   "decided_by": {"interface": "route to head"}}))
     ld = newest(state_root)
     (Path(ld) / "nccl-node3-77.log").write_text(NCCL_SOCKET_LOG)
