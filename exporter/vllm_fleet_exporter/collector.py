@@ -64,7 +64,7 @@ class FleetExporter:
         self.heal_log = HealLog(cfg.heal_log, cfg.heal_replicas) if cfg.heal_log else None
         self.verdict: Optional[VerdictKeeper] = None
         if cfg.verdict_enabled:
-            self.verdict = VerdictKeeper(cfg, self.pid_alive)
+            self.verdict = VerdictKeeper(cfg, self.pid_alive, self.process_counts)
             self.jobs.update(self.verdict.jobs)
 
     # ---- background job bodies -------------------------------------------------------------
@@ -139,6 +139,12 @@ class FleetExporter:
         if exists or pid in res.value.host_pids or pid in res.value.ns_pids:
             return True
         return False
+
+    def process_counts(self) -> Optional[Dict[str, int]]:
+        """The last fresh /proc scan's count per process class; None without one."""
+        job = self.jobs.get("processes")
+        res = job.fresh() if job else None
+        return dict(res.value.counts) if res is not None and res.success else None
 
     def describe(self) -> List[Metric]:
         return []  # families vary with the configuration; nothing to pre-register

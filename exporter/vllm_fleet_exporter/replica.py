@@ -25,9 +25,11 @@ AGENT_LINE_MAX = 200  # HAProxy shows the '#' description on its stats page: kee
 
 
 class VerdictKeeper:
-    def __init__(self, cfg: Config, pid_alive):
+    def __init__(self, cfg: Config, pid_alive, process_counts=lambda: None):
         self.cfg = cfg
         self.pid_alive = pid_alive
+        # the processes job's last counts {class: n}, None while it has none (unknown is not missing)
+        self.process_counts = process_counts
         self.is_head = bool(cfg.engine_url)
         self.reader = LaunchReader(cfg.launches_dir)  # own reader: jobs run in their own thread
         self.tracker = MemberTracker(cfg.proc_root, cfg.cgroup_root)
@@ -83,8 +85,12 @@ class VerdictKeeper:
         if st.launch_dir:
             roles = dict(read_roles(st.launch_dir))
             members = self.tracker.states(sorted(roles), roles)
+        counts = self.process_counts()
+        shortfalls = [(pc.name, counts.get(pc.name, 0), pc.expected) for pc in self.cfg.processes
+                      if counts is not None and pc.expected > 0
+                      and counts.get(pc.name, 0) < pc.expected]
         own = host_problems(self.cfg.host, st.launch_dir, members, st.collectives, now,
-                            self.cfg.heartbeat_max_age_s, self.cfg.expect_engine)
+                            self.cfg.heartbeat_max_age_s, self.cfg.expect_engine, shortfalls)
         maintenance = read_maintenance(self.cfg.state_dir, self.cfg.deployment, now)
         self.host_verdict = Verdict("maintenance" if maintenance else
                                     ("unhealthy" if own else "healthy"),

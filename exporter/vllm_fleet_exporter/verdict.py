@@ -15,6 +15,9 @@ Host verdict (every serving host, facts local to it):
                    above miss: the flusher thread of a live process stopped running)
   collective_stuck a rank's current collective / PP transfer is older than its threshold
   no_launch        this host should run engine processes and has no launch
+  process_missing  a process class this host must run (its Ray node's raylet; the API server on
+                   a head) has fewer processes than expected in the last /proc scan (a dead Ray
+                   node is seen here in seconds; Ray's own health check takes ~30 s)
 Replica verdict (head only) adds:
   api_down                 no /health 200 within api_max_silence_s
   member_host_unhealthy    another host of the replica reports a problem
@@ -41,7 +44,7 @@ import time
 from typing import Any, Dict, List, Optional
 
 HOST_REASONS = ("no_launch", "member_exited", "member_stopped", "member_frozen",
-                "heartbeat_stale", "collective_stuck")
+                "heartbeat_stale", "collective_stuck", "process_missing")
 REPLICA_REASONS = HOST_REASONS + ("api_down", "member_host_unhealthy", "member_host_unreachable",
                                   "member_launch_mismatch", "ray_nodes_missing", "canary_failing",
                                   "start_timeout")
@@ -82,14 +85,19 @@ class Verdict:
 
 
 def host_problems(host: str, launch_dir: Optional[str], members, collectives, now: float,
-                  heartbeat_max_age_s: float, expect_engine: bool) -> List[Problem]:
+                  heartbeat_max_age_s: float, expect_engine: bool,
+                  shortfalls=()) -> List[Problem]:
     """Problems of this host's own launch. `members`: members.Member list; `collectives`:
-    launchstate.Collective list (live processes only)."""
+    launchstate.Collective list (live processes only); `shortfalls`: (class, running, expected)
+    of the process classes below their expected count in the last /proc scan."""
+    missing = [Problem("process_missing", f"{host}: {running} of {expected} {name} process(es) "
+                                          "running")
+               for name, running, expected in shortfalls]
     if launch_dir is None:
         if expect_engine:
-            return [Problem("no_launch", f"{host}: no launch of this deployment")]
-        return []
-    out = []
+            return [Problem("no_launch", f"{host}: no launch of this deployment")] + missing
+        return missing
+    out = missing
     for m in members:
         what = f"{host}: {m.role or 'process'} {m.pid}"
         if m.state == "exited":

@@ -149,6 +149,26 @@ def test_host_problems_name_each_fault():
     assert host_problems("node3", None, [], [], now, 10.0, False) == []  # a Ray-only host
 
 
+def test_a_missing_process_class_is_a_host_problem_on_any_serving_host():
+    """A Ray node killed on a Ray-only host (no launch there): its raylet's absence in the /proc
+    scan makes the host unhealthy, and the head names that host through its member report."""
+    now = 1000.0
+    got = host_problems("node3", None, [], [], now, 10.0, False, [("raylet", 0, 1)])
+    assert [p.reason for p in got] == ["process_missing"]
+    assert got[0].detail == "node3: 0 of 1 raylet process(es) running"
+    engine_host = host_problems("node2", "/x", [], [], now, 10.0, True, [("raylet", 0, 1)])
+    assert [p.reason for p in engine_host] == ["process_missing"]
+    j = judge()
+    kw = dict(launch_id="L1", launch_created=100.0, own=[], maintenance=None, last_health_ok=now)
+    j.judge(now, **kw)
+    ray_only = MemberReport("http://n3:9445", now - 1, {
+        "state": "unhealthy", "host": "node3", "launch_id": "",
+        "problems": [p.to_json() for p in got]})
+    v = j.judge(now, members=[ray_only], **kw)
+    assert v.state == "unhealthy" and [p.reason for p in v.problems] == ["member_host_unhealthy"]
+    assert "node3: 0 of 1 raylet" in v.summary()
+
+
 def judge(**kw):
     args = dict(start_timeout_s=600, api_max_silence_s=6, member_max_silence_s=6,
                 canary_max_failures=2)
@@ -222,3 +242,30 @@ def test_maintenance_marker(tmp_path):
                 own=host_problems("node1", "/x", [Member(1, 1, "exited", None)], [], 1000, 10,
                                   True), last_health_ok=None)
     assert v.state == "maintenance"
+
+
+def test_exporter_host_verdict_sees_a_dead_process_of_a_class_it_must_run(tmp_path):
+    """The exporter end to end on the real /proc: a process class it must run (here a child with a
+    marker, standing for a raylet) is counted by the processes job; once the child is killed the
+    next scan and verdict name it, a Ray-only host (no launch) included."""
+    from vllm_fleet_exporter.collector import FleetExporter
+    from vllm_fleet_exporter.config import load_config
+
+    marker = f"fleet-raylet-stand-in-{os.getpid()}-{time.time_ns()}"
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)", marker])
+    try:
+        cfg = load_config(["--state-dir", str(tmp_path), "--nvml", "off", "--host", "node3",
+                           "--verdict", "--no-expect-engine", "--process", f"raylet={marker}"])
+        exp = FleetExporter(cfg)
+        exp.run_all_once()
+        assert exp.verdict.latest().state == "healthy", exp.verdict.latest().summary()
+        proc.kill()
+        proc.wait(30)
+        exp.run_all_once()
+        v = exp.verdict.latest()
+        assert v.state == "unhealthy" and [p.reason for p in v.problems] == ["process_missing"]
+        assert "node3: 0 of 1 raylet process(es) running" in v.summary()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(30)
