@@ -37,8 +37,9 @@ def die(msg, code=2):
     sys.exit(code)
 
 
-def launch(argv, env, dry_run=False, extra=None):
-    """Print (dry run) or exec the command with the given environment."""
+def exec_or_print(argv, env, dry_run=False, extra=None):
+    """Exec the command with the given environment (this process becomes it), or print it as JSON
+    (dry run). Not a "launch": that word is the launch id's and launch.py's."""
     if dry_run:
         print(json.dumps({"argv": argv, "env": env, **(extra or {})}, indent=2, sort_keys=True))
         return 0

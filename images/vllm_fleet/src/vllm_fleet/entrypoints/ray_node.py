@@ -18,7 +18,7 @@ import sys
 import time
 
 from .. import fabric_env, ray_auth
-from . import die, first, launch, merged_env
+from . import die, exec_or_print, first, merged_env
 
 # (flag, env var, default, ray option); env vars are what the ray_cluster role passes.
 PORTS = [
@@ -156,7 +156,7 @@ def main(argv=None, environ=None):
             node_ip = out_env["RAY_NODE_IP_ADDRESS"]
             die(f"worker {node_ip} cannot reach the Ray head {head_ip}:{ports['port']} on the "
                 f"fabric network within {timeout:.0f}s", code=3)
-    return launch(cmd, out_env, args.dry_run)
+    return exec_or_print(cmd, out_env, args.dry_run)
 
 
 if __name__ == "__main__":

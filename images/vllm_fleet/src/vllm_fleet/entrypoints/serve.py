@@ -51,7 +51,7 @@ import sys
 import time
 
 from .. import launch as fleet_launch
-from . import die, first, launch, merged_env
+from . import die, exec_or_print, first, merged_env
 
 # The interpreter running fleet-serve is the one that has vLLM (the image's /opt/venv).
 API_SERVER = ["-m", "vllm.entrypoints.openai.api_server"]
@@ -360,7 +360,7 @@ def main(argv=None, environ=None):
     if "VLLM_API_KEY" in printable:
         printable["VLLM_API_KEY"] = "<redacted>"
     if args.dry_run:
-        return launch(cmd, printable, True, {"info": info})
+        return exec_or_print(cmd, printable, True, {"info": info})
     print("fleet-serve: " + " ".join(shlex.quote(x) for x in cmd), file=sys.stderr)
     # The exec'd vLLM process keeps this pid: it is the launch's main member (state.py).
     from .. import state
@@ -368,7 +368,7 @@ def main(argv=None, environ=None):
         state.register_member(out_env, role="main")
     except OSError as exc:  # serving goes on; the verdict then judges the engine and workers only
         print(f"fleet-serve: cannot register the launch's main process: {exc}", file=sys.stderr)
-    return launch(cmd, out_env)
+    return exec_or_print(cmd, out_env)
 
 
 if __name__ == "__main__":
