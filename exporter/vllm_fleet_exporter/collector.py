@@ -20,7 +20,7 @@ from .heals import HealLog
 from .jobs import Job
 from .launchstate import HIST_LABELS, LaunchReader, newest_launch_dir
 from .nccl import TRANSPORTS, NcclLogParser
-from .probes import probe_health, query_ray, run_canary
+from .checks import check_health, query_ray, run_canary
 from .procscan import scan
 from .tenants import read_tenants
 from .replica import VerdictKeeper
@@ -69,7 +69,7 @@ class FleetExporter:
 
     # ---- background job bodies -------------------------------------------------------------
     def _health(self):
-        res = probe_health(self.cfg.engine_url, self.cfg.health_timeout_s)
+        res = check_health(self.cfg.engine_url, self.cfg.health_timeout_s)
         if self.verdict is not None:
             self.verdict.health_result(res.up, time.time())
         return res

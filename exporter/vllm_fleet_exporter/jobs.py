@@ -1,4 +1,4 @@
-"""Background jobs: expensive probes run on their own schedule; scrapes only read `last`."""
+"""Background jobs: expensive checks run on their own schedule; scrapes only read `last`."""
 
 from __future__ import annotations
 

@@ -15,7 +15,7 @@ from .config import Config
 from .jobs import Job
 from .launchstate import LaunchReader
 from .members import MemberTracker, read_roles
-from .probes import fetch_verdict
+from .checks import fetch_verdict
 from .verdict import (HOST_REASONS, REPLICA_REASONS, STATES, MemberReport, ReplicaJudge, Verdict,
                       host_problems, read_maintenance)
 

@@ -3,7 +3,7 @@ started by fleet-serve with an API key, and the local two-node Ray cluster with 
 (tests/engine_parts.py, tests/conftest.py). The process classes are the exporter role's own
 patterns, matched against this engine's and this Ray head's real processes. The launch state,
 fabric file and NCCL log are fixture files in the plugin's formats (the lab reads real ones), and
-NVML is fake_nvml (no GPU here). Faults the real parts cannot produce on demand: test_probes.py.
+NVML is fake_nvml (no GPU here). Faults the real parts cannot produce on demand: test_checks.py.
 
 Runs in file order; the last test stops the engine.
 """
@@ -24,7 +24,7 @@ from exporter_testlib import (full_setup, make_state_dir, parse_exposition, run_
 from tests.engine_parts import (ENGINE_PY, Engine, engine_has, kill_session, make_tiny_model,
                                 session_procs)
 from tests.grafana_panels import panel_queries
-from vllm_fleet_exporter.probes import probe_health, run_canary
+from vllm_fleet_exporter.checks import check_health, run_canary
 
 pytestmark = pytest.mark.engine
 
@@ -141,7 +141,7 @@ def test_dashboard_and_rules_read_real_series(exporter):
 
 
 def test_canary_needs_the_api_key_and_health_does_not(engine):
-    assert probe_health(engine.url, 60).up
+    assert check_health(engine.url, 60).up
     refused = run_canary(engine.url, "tiny", "hi", 4, "not-the-key", 300)
     assert not refused.success and refused.error == "HTTP 401", refused
     ok = run_canary(engine.url, "", "hi", 4, KEY, 300)
@@ -158,7 +158,7 @@ def test_engine_down_is_seen(exporter, engine):
     s = wait_for(lambda: (lambda s: s if sample(s, "vllm_fleet_engine_up") == 0 else None)(
         scrape(exporter)), 120)
     print(f"engine_up 0 seen {time.monotonic() - t0:.1f}s after the stop")
-    assert not probe_health(engine.url, 30).up
+    assert not check_health(engine.url, 30).up
     s = wait_for(lambda: (lambda s: s if sample(s, "vllm_fleet_canary_success") == 0 else None)(
         scrape(exporter)), 300)
     assert sample(s, "vllm_fleet_canary_runs_total", result="failure") >= 1

@@ -1,4 +1,4 @@
-"""Network probes run by background jobs: engine /health, canary chat completion, Ray nodes.
+"""Network checks run by background jobs (not the plugin's all-reduce probe): engine /health, canary chat completion, Ray nodes.
 
 Stdlib HTTP only (urllib) so the exporter's only dependency is prometheus-client.
 """
@@ -25,7 +25,7 @@ class HealthResult:
     error: str = ""
 
 
-def probe_health(base_url: str, timeout_s: float) -> HealthResult:
+def check_health(base_url: str, timeout_s: float) -> HealthResult:
     """GET {base_url}/health; up only on HTTP 200. Never raises."""
     url = base_url.rstrip("/") + "/health"
     t0 = time.perf_counter()

@@ -10,21 +10,21 @@ import urllib.error
 import pytest
 from exporter_testlib import free_port
 
-from vllm_fleet_exporter.probes import parse_ray_nodes, probe_health, query_ray, run_canary
+from vllm_fleet_exporter.checks import check_health, parse_ray_nodes, query_ray, run_canary
 
 
 def test_health_up_503_refused(stub_engine):
-    assert probe_health(stub_engine.url, 30).up
+    assert check_health(stub_engine.url, 30).up
     stub_engine.state.health_status = 503
-    r = probe_health(stub_engine.url, 30)
+    r = check_health(stub_engine.url, 30)
     assert not r.up and r.status == 503
-    r = probe_health(f"http://127.0.0.1:{free_port()}", 30)
+    r = check_health(f"http://127.0.0.1:{free_port()}", 30)
     assert not r.up and r.status == 0 and r.error
 
 
 def test_health_timeout_bounds_the_probe(stub_engine):
     stub_engine.state.hold_health = threading.Event()  # /health never answers during the probe
-    r = probe_health(stub_engine.url, 0.3)
+    r = check_health(stub_engine.url, 0.3)
     # only the probe's own timeout can have ended it (the bound is slack for a busy machine)
     assert not r.up and r.status == 0 and "timed out" in r.error and r.duration_s < 30
 
