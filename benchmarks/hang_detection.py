@@ -340,8 +340,11 @@ def main(argv: list[str] | None = None) -> int:
         sink.stop()
     summary = json.loads(Path(load_json).read_text()) if Path(load_json).exists() else {}
     failed = [r for r in summary.get("requests", []) if not r.get("ok")]
+    t0 = result.get("fault_at", 0)
     result.update(requests=summary.get("total"), failed=len(failed),
                   failed_errors=sorted({r.get("error", "")[:120] for r in failed}),
+                  # when each failed request started, seconds after the fault (for the timeline)
+                  failed_started_s=[round(r.get("start", t0) - t0, 1) for r in failed],
                   latency_p99_s=summary.get("latency_p99_s"))
     healer_dir = fleet.var(fleet.healer, 'fleet_healer_state_dir', '/var/lib/vllm-fleet/healer')
     actions = f"{healer_dir}/actions.jsonl"
