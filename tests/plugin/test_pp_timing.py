@@ -10,7 +10,7 @@ import subprocess
 import pytest
 
 from conftest import child_env
-from vllm_fleet import plugin, probe, state
+from vllm_fleet import plugin, pp_timing, probe, state
 
 
 class FakeTensor:
@@ -154,12 +154,12 @@ def test_duration_errors_turn_it_off_after_a_few_and_never_raise():
     rec, coord = sends(every=1), FakeCoord()
     coord._fleet_work_timing = True  # switched on, but the backend cannot time its works
     td = {"hidden_states": FakeTensor(4096)}
-    for _ in range(probe.PP_MAX_DURATION_ERRORS + 3):
+    for _ in range(pp_timing.PP_MAX_DURATION_ERRORS + 3):
         assert len(rec.pp_isend(coord, coord.isend_tensor_dict, td)) == 1
         for w in coord.works:
             w.done = True
     assert rec.pp_off and "_get_duration failed" in rec.pp_off and len(rec.hists) == 0
-    assert len(coord.calls) == probe.PP_MAX_DURATION_ERRORS + 3
+    assert len(coord.calls) == pp_timing.PP_MAX_DURATION_ERRORS + 3
 
 
 def test_a_changed_vllm_hand_over_is_not_guessed_at():
@@ -175,13 +175,13 @@ def test_a_changed_vllm_hand_over_is_not_guessed_at():
 def test_kept_works_are_bounded_and_stats_are_written(state_dir, monkeypatch):
     monkeypatch.setenv("VLLM_FLEET_LAUNCH_ID", "pp-1")
     rec, coord = sends(every=1), FakeCoord()
-    for _ in range(probe.PP_MAX_PENDING + 10):  # nothing ever completes
+    for _ in range(pp_timing.PP_MAX_PENDING + 10):  # nothing ever completes
         rec.pp_isend(coord, coord.isend_tensor_dict, {"h": FakeTensor(1024)})
-    assert len(rec._pp_pending) == probe.PP_MAX_PENDING
+    assert len(rec._pp_pending) == pp_timing.PP_MAX_PENDING
     rec.flush()
     doc = json.loads(open(state.allreduce_path()).read())
-    assert doc["pp_timing"]["count"] == probe.PP_MAX_PENDING + 10
-    assert doc["pp_timing"]["pending"] == probe.PP_MAX_PENDING and doc["pp_timing"]["off"] is None
+    assert doc["pp_timing"]["count"] == pp_timing.PP_MAX_PENDING + 10
+    assert doc["pp_timing"]["pending"] == pp_timing.PP_MAX_PENDING and doc["pp_timing"]["off"] is None
 
 
 def test_off_when_sampling_is_off():
@@ -212,8 +212,8 @@ def test_enable_work_timing_tries_the_cuda_backend_and_says_why_not(monkeypatch)
             return self.backend
 
     b = Backend()
-    assert probe.enable_work_timing(PGNoTiming(b)) is None and b.on
-    why = probe.enable_work_timing(object())
+    assert pp_timing.enable_work_timing(PGNoTiming(b)) is None and b.on
+    why = pp_timing.enable_work_timing(object())
     assert "no _enable_collectives_timing" in why and "CUDA backend" in why
 
 
@@ -306,8 +306,8 @@ def test_real_gloo_works_turn_timing_off_without_breaking_calls(torch_py, state_
     # Tensor stand-ins report is_cuda False for CPU tensors: force the CUDA branch so that the
     # real works are kept and read
     script = GLOO.replace("from vllm_fleet import probe",
-                          "from vllm_fleet import probe\n"
-                          "probe.isend_sizes = lambda c, td, *a: [(16, True) for _ in td]")
+                          "from vllm_fleet import pp_timing, probe\n"
+                          "pp_timing.isend_sizes = lambda c, td, *a: [(16, True) for _ in td]")
     out = subprocess.run([torch_py, "-c", script], env=child_env(PORT=port,
                          VLLM_FLEET_STATE_DIR=state_dir), capture_output=True, text=True,
                          timeout=120)

@@ -1,7 +1,7 @@
 """Probe cadence, histogram format and backend labelling (no engine needed)."""
 import math
 
-from vllm_fleet import probe, state
+from vllm_fleet import pp_timing, probe, state
 from conftest import child_env  # tests/plugin/conftest.py, as the other plugin tests do
 
 
@@ -101,7 +101,7 @@ def test_only_new_sizes_need_a_vote_and_pp_sizes_are_bucketed():
     assert probe.vote_needed(set(), (8, 16)) == (8, 16)
     assert probe.vote_needed({8, 16}, (16,)) == ()
     assert probe.vote_needed({8}, (8, 32)) == (32,)
-    assert [probe.pow2_ceil(n) for n in (0, 1, 2, 3, 8192, 8193, 851968)] == \
+    assert [pp_timing.pow2_ceil(n) for n in (0, 1, 2, 3, 8192, 8193, 851968)] == \
         [1, 1, 2, 4, 8192, 16384, 1 << 20]
 
 

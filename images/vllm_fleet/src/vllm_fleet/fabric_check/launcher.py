@@ -20,7 +20,8 @@ import sys
 import threading
 import time
 
-EXIT_OK, EXIT_FAIL, EXIT_TIMEOUT = 0, 1, 124
+from .report import EXIT_FAIL, EXIT_OK, EXIT_TIMEOUT, render_table
+
 BEAT_S = 0.5  # heartbeat period; a rank silent for 4 periods is named as not responding
 SILENT_S = 4 * BEAT_S
 HARD_EXTRA_S = 5.0  # the hard timer fires this long after the step timeout (the pg timeout first)
@@ -183,8 +184,6 @@ def run_rank(cfg: dict) -> int:
                       "ranks": [json.loads(coord.store.get(f"rank/{r}")) for r in all_ranks],
                       "results": rows, "pairs": pairs, "suspects": suspects(pairs),
                       "ok": ok_all and all(p["ok"] and not p["slow"] for p in pairs)}
-            from .cli import render_table
-
             print(render_table(report), flush=True)
             print("JSON " + json.dumps(report), flush=True)
             if cfg.get("json_out"):

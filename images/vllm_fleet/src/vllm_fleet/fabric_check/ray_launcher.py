@@ -34,7 +34,7 @@ import sys
 import threading
 import time
 
-from .launcher import EXIT_FAIL, EXIT_OK, EXIT_TIMEOUT
+from .report import EXIT_FAIL, EXIT_OK, EXIT_TIMEOUT
 
 START_SLACK_S = 60.0  # process + torch import on each node, on top of the ranks' own budget
 
