@@ -237,12 +237,13 @@ def test_front_door_tls_keys_rate_limits_and_counters(fleet):
 OWNER = textwrap.dedent("""
     import json, os, time
     from multiprocessing import shared_memory, resource_tracker
-    from vllm_fleet import plugin, state
+    from vllm_fleet import state
+    from vllm_fleet.hooks import shm
     lid = os.environ["VLLM_FLEET_LAUNCH_ID"]
     state.write_json_atomic(os.path.join(state.launch_dir(lid), "launch.json"),
                             {"launch_id": lid, "deployment": state.deployment(), "created": time.time()})
     state.register_member()
-    plugin._record_shm_segments()
+    shm._record_shm_segments()
     shm = shared_memory.SharedMemory(create=True, size=1 << 20)
     resource_tracker.unregister(shm._name, "shared_memory")
     print(shm.name, flush=True)

@@ -21,9 +21,10 @@ from vllm_fleet import cleanup
 OWNER = r"""
 import os, sys, time, uuid
 from multiprocessing import shared_memory, resource_tracker
-from vllm_fleet import plugin, state
+from vllm_fleet import state
+from vllm_fleet.hooks import shm
 state.register_member()
-plugin._record_shm_segments()
+shm._record_shm_segments()
 rec = shared_memory.SharedMemory(create=True, size=4096)
 resource_tracker.unregister(rec._name, "shared_memory")
 orig = shared_memory.SharedMemory.__init__.__wrapped__  # vLLM's unwrapped call: not recorded

@@ -87,7 +87,7 @@ _shared: dict = {}
 def test_tp2_engine_with_plugin_hooks_probe_and_serving(engine_env):
     lid = f"{DEPLOYMENT}-a"
     # The lab's compilation config (dynamo traces the forward pass, eager backend), not
-    # --enforce-eager: the plugin's hooks must stay out of the trace (plugin._tracing).
+    # --enforce-eager: the plugin's hooks must stay out of the trace (hooks/groups.py: _tracing).
     eng = Engine(engine_env, lid, engine_args=("--compilation-config", CPU_NO_COMPILER_CC))
     try:
         t0 = time.time()

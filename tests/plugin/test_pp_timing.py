@@ -10,7 +10,9 @@ import subprocess
 import pytest
 
 from conftest import child_env
-from vllm_fleet import plugin, pp_timing, probe, state
+from vllm_fleet import pp_timing, probe, state
+from vllm_fleet.hooks import core
+from vllm_fleet.hooks import pp as pp_hook
 
 
 class FakeTensor:
@@ -181,7 +183,8 @@ def test_kept_works_are_bounded_and_stats_are_written(state_dir, monkeypatch):
     rec.flush()
     doc = json.loads(open(state.allreduce_path()).read())
     assert doc["pp_timing"]["count"] == pp_timing.PP_MAX_PENDING + 10
-    assert doc["pp_timing"]["pending"] == pp_timing.PP_MAX_PENDING and doc["pp_timing"]["off"] is None
+    assert doc["pp_timing"]["pending"] == pp_timing.PP_MAX_PENDING and \
+        doc["pp_timing"]["off"] is None
 
 
 def test_off_when_sampling_is_off():
@@ -240,35 +243,35 @@ class FakeWiredCoord(FakeCoord):
 
 def test_plugin_wraps_cuda_pp_groups_only(monkeypatch, caplog):
     gathers = []
-    monkeypatch.setattr(plugin, "_gather_hosts",
+    monkeypatch.setattr(pp_hook, "_gather_hosts",
                         lambda c: gathers.append(c.unique_name) or ["node-a", "node-b"])
     cpu = FakeWiredCoord("cpu")
-    plugin._logged_once.discard("pp-timing-cpu")
+    core._logged_once.discard("pp-timing-cpu")
     with caplog.at_level(logging.INFO, logger="vllm_fleet"):
-        plugin.logger.propagate = True
+        core.logger.propagate = True
         try:
-            plugin._wrap_pp(cpu)
-            plugin._wrap_pp(FakeWiredCoord("cpu"))
+            pp_hook._wrap_pp(cpu)
+            pp_hook._wrap_pp(FakeWiredCoord("cpu"))
         finally:
-            plugin.logger.propagate = False
+            core.logger.propagate = False
     assert caplog.text.count("inactive: PP timing (CUDA only") == 1   # logged once
     assert "isend_tensor_dict" not in vars(cpu) and not getattr(cpu, "_fleet_pp", False)
     tp = FakeWiredCoord("cuda", "tp:0")
-    plugin._wrap_pp(tp)
+    pp_hook._wrap_pp(tp)
     assert "isend_tensor_dict" not in vars(tp) and gathers == []
 
     pp = FakeWiredCoord("cuda")
-    plugin._wrap_pp(pp)
+    pp_hook._wrap_pp(pp)
     assert gathers == ["pp:0"] and pp._fleet_scope == "inter" and pp._fleet_pp
     assert pp.device_communicator._fleet_send and pp.device_communicator._fleet_scope == "inter"
     td = {"h": FakeTensor(4096)}
     assert len(pp.isend_tensor_dict(td, all_gather_group=None)) == 1 and pp.calls == ["isend"]
     assert pp.irecv_tensor_dict()[2] == ["postprocess"] and pp.calls == ["isend", "irecv"]
-    plugin._wrap_pp(pp)  # a second call neither wraps twice nor gathers again
+    pp_hook._wrap_pp(pp)  # a second call neither wraps twice nor gathers again
     assert gathers == ["pp:0"]
     monkeypatch.setenv("VLLM_FLEET_PP_TIMING", "0")
     off = FakeWiredCoord("cuda")
-    plugin._wrap_pp(off)
+    pp_hook._wrap_pp(off)
     assert "isend_tensor_dict" not in vars(off) and gathers == ["pp:0"]
 
 

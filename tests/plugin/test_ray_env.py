@@ -9,7 +9,8 @@ import subprocess
 import pytest
 
 from conftest import ENGINE_PY, child_env, engine_has
-from vllm_fleet import plugin
+from vllm_fleet.hooks import core
+from vllm_fleet.hooks import ray_env as ray_env_hook
 
 CHECK = r"""
 import json, os, sys
@@ -47,7 +48,7 @@ def test_driver_fabric_env_is_not_copied_to_ray_workers(order, tmp_path):
     result = json.loads(out.stdout.split("RESULT ", 1)[1])
     for executor in ("v1", "v2"):
         copied = set(result[executor])
-        assert copied.isdisjoint(plugin.node_local_env_keys()), (executor, copied)
+        assert copied.isdisjoint(ray_env_hook.node_local_env_keys()), (executor, copied)
         assert "VLLM_API_KEY" not in copied, (executor, "the API key must stay with the API server")
         # what is the same on every node still travels: NCCL tuning, our VLLM_* settings
         assert {"NCCL_DEBUG", "VLLM_FLEET_PROBE_EVERY_STEPS", "VLLM_PLUGINS"} <= copied
@@ -58,18 +59,18 @@ def test_ray_env_hook_missing_global_is_logged_not_raised(caplog):
     class Mod:
         pass
 
-    plugin._logged_once.discard("no-ray-env")
+    core._logged_once.discard("no-ray-env")
     with caplog.at_level(logging.WARNING, logger="vllm_fleet"):
-        plugin.logger.propagate = True
+        core.logger.propagate = True
         try:
-            plugin._keep_node_env_local(Mod())
+            ray_env_hook._keep_node_env_local(Mod())
         finally:
-            plugin.logger.propagate = False
+            core.logger.propagate = False
     assert "inactive: per-node fabric settings" in caplog.text
     mod = Mod()
     mod.RAY_NON_CARRY_OVER_ENV_VARS = {"FOO"}
-    plugin._keep_node_env_local(mod)
-    assert mod.RAY_NON_CARRY_OVER_ENV_VARS == {"FOO", *plugin.node_local_env_keys()}
+    ray_env_hook._keep_node_env_local(mod)
+    assert mod.RAY_NON_CARRY_OVER_ENV_VARS == {"FOO", *ray_env_hook.node_local_env_keys()}
 
 
 def test_api_key_kept_off_ray_workers_even_with_node_env_copy_switched_off(monkeypatch):
@@ -78,6 +79,6 @@ def test_api_key_kept_off_ray_workers_even_with_node_env_copy_switched_off(monke
 
     monkeypatch.setenv("VLLM_FLEET_RAY_KEEP_NODE_ENV", "0")
     mod = Mod()
-    plugin._keep_node_env_local(mod)
-    plugin._keep_secrets_off_ray_workers(mod)
+    ray_env_hook._keep_node_env_local(mod)
+    ray_env_hook._keep_secrets_off_ray_workers(mod)
     assert mod.RAY_NON_CARRY_OVER_ENV_VARS == {"VLLM_API_KEY"}

@@ -12,7 +12,7 @@ import subprocess
 import pytest
 
 from conftest import ENGINE_PY, child_env, engine_has
-from vllm_fleet import plugin
+from vllm_fleet.hooks import core, shm
 
 READER = r"""
 import json, threading, time
@@ -63,8 +63,8 @@ def test_short_spin_window_lets_an_idle_reader_sleep_and_still_get_its_message(t
 
 @pytest.mark.parametrize("raw", ["soon", "-1", "61"])
 def test_bad_spin_window_is_logged_and_vllm_default_kept(raw, monkeypatch, caplog):
-    monkeypatch.setenv(plugin.SHM_BUSY_LOOP_ENV, raw)
-    plugin._logged_once.discard("bad-busy-loop")
+    monkeypatch.setenv(shm.SHM_BUSY_LOOP_ENV, raw)
+    core._logged_once.discard("bad-busy-loop")
 
     class Module:
         class SpinCondition:
@@ -72,14 +72,14 @@ def test_bad_spin_window_is_logged_and_vllm_default_kept(raw, monkeypatch, caplo
                 self.is_reader, self.busy_loop_s = True, 1
 
     with caplog.at_level(logging.WARNING, logger="vllm_fleet"):
-        plugin._limit_shm_spin(Module)
+        shm._limit_shm_spin(Module)
     assert Module.SpinCondition().busy_loop_s == 1
     assert f"VLLM_FLEET_SHM_BUSY_LOOP_S='{raw}' is not a number of seconds" in caplog.text
 
 
 def test_zero_spin_window_is_applied_with_a_warning(monkeypatch, caplog):
-    monkeypatch.setenv(plugin.SHM_BUSY_LOOP_ENV, "0")
-    plugin._logged_once.discard("low-busy-loop")
+    monkeypatch.setenv(shm.SHM_BUSY_LOOP_ENV, "0")
+    core._logged_once.discard("low-busy-loop")
     with caplog.at_level(logging.WARNING, logger="vllm_fleet"):
-        assert plugin.shm_busy_loop_s() == 0.0
+        assert shm.shm_busy_loop_s() == 0.0
     assert "leaves a reader asleep until its 5 s recheck" in caplog.text

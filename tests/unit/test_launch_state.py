@@ -24,9 +24,10 @@ SRC = REPO / "images" / "vllm_fleet" / "src"
 OWNER = r"""
 import time
 from multiprocessing import shared_memory, resource_tracker
-from vllm_fleet import plugin, state
+from vllm_fleet import state
+from vllm_fleet.hooks import shm
 state.register_member()
-plugin._record_shm_segments()
+shm._record_shm_segments()
 shm = shared_memory.SharedMemory(create=True, size=4096)
 resource_tracker.unregister(shm._name, "shared_memory")
 print("/dev/shm/" + shm.name, flush=True)

@@ -1,3 +1,5 @@
+# Over 350 lines on purpose (issue 19): Ansible ships this one file to the nodes as module_utils
+# (symlink ansible/plugins/module_utils/fleet_fabric_env.py), so it stays a single stdlib-only file.
 """Fabric settings of one node: the interface that carries NCCL/Gloo/Ray traffic and the
 InfiniBand/RoCE HCAs NCCL may use, computed on the node itself.
 

@@ -118,7 +118,8 @@ class PPTiming:
         self.pp_stats = {"count": 0, "sum_s": 0.0, "max_s": 0.0, "sampled": 0}
 
     def _pp_flush(self, doc: dict) -> None:
-        """The ``pp_timing`` entry of the allreduce-<host>-<pid>.json document, once PP calls ran."""
+        """The ``pp_timing`` entry of the allreduce-<host>-<pid>.json document (once PP calls
+        ran)."""
         if self.pp_stats["count"]:
             doc["pp_timing"] = dict(self.pp_stats, durations=self._pp_ok,
                                     pending=len(self._pp_pending), off=self.pp_off)
