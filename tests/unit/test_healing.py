@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "ansible/plugins/filter"))
-from fleet_healing import fleet_heal_decision  # noqa: E402
+from fleet_healing import fleet_heal_decision, fleet_heal_log_text  # noqa: E402
 
 HUNG = {"state": "unhealthy", "problems": [{"reason": "member_stopped",
                                             "detail": "node2: process 7 is stopped"}]}
@@ -228,3 +228,14 @@ def test_healer_inventory_secrets_elsewhere_and_the_archive_is_reproducible(tmp_
     assert (tmp_path / "inventory.tar").read_bytes() == data
     r = subprocess.run([str(PACK), str(tmp_path / "x.tar"), str(inv), str(inv)], capture_output=True, text=True)
     assert r.returncode == 2 and "is the inventory directory" in r.stderr
+
+
+def test_heal_log_is_plain_text():
+    """What the healer's relaunch printed under ansible-rulebook (bytes seen on the lab): each line
+    behind ansible-runner's event marker, plus colour; the log keeps the lines only."""
+    raw = ("\x1b[KeyJ1dWlkIjogIjllMzIzOTRlIn0=\x1b[64D\x1b[K\nPLAY [Rolling restart - plan] ***\n"
+           "\x1b[Ke30=\x1b[4D\x1b[K\x1b[0;31mfatal: [node4]: FAILED!\x1b[0m\n"
+           "vllm_serve : Wait for the head's /health - 140.01s\n")
+    assert fleet_heal_log_text(raw) == ("\nPLAY [Rolling restart - plan] ***\nfatal: [node4]: FAILED!\n"
+                                        "vllm_serve : Wait for the head's /health - 140.01s\n")
+    assert fleet_heal_log_text(None) == ""

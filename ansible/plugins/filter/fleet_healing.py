@@ -15,7 +15,22 @@ serves, let alone the last one.
 
 from __future__ import annotations
 
+import re
+
 from ansible.errors import AnsibleFilterError
+
+
+# ansible-runner (under ansible-rulebook) marks every line a playbook prints with its event id:
+# ESC[K <base64 of {"uuid": ...}> ESC[<n>D ESC[K; a nested ansible-playbook inherits that. Plus
+# ordinary terminal escapes (colour).
+_RUNNER_EVENT = re.compile(r"\x1b\[K[A-Za-z0-9+/=]*\x1b\[\d+D\x1b\[K")
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+
+
+def fleet_heal_log_text(text):
+    """A relaunch's output as plain text for the heal log and its summary: the event markers and
+    terminal escapes removed, the lines kept."""
+    return _ANSI.sub("", _RUNNER_EVENT.sub("", str(text or "")))
 
 
 def fleet_heal_decision(verdict, records, replica, now, max_per_hour):
@@ -43,4 +58,4 @@ def fleet_heal_decision(verdict, records, replica, now, max_per_hour):
 
 class FilterModule:
     def filters(self):
-        return {"fleet_heal_decision": fleet_heal_decision}
+        return {"fleet_heal_decision": fleet_heal_decision, "fleet_heal_log_text": fleet_heal_log_text}
