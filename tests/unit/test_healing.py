@@ -239,3 +239,4 @@ def test_heal_log_is_plain_text():
     assert fleet_heal_log_text(raw) == ("\nPLAY [Rolling restart - plan] ***\nfatal: [node4]: FAILED!\n"
                                         "vllm_serve : Wait for the head's /health - 140.01s\n")
     assert fleet_heal_log_text(None) == ""
+    assert fleet_heal_log_text(["out\x1b[0m", "err"]) == "out\nerr"  # stdout, stderr

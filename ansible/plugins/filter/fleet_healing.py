@@ -29,7 +29,9 @@ _ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
 def fleet_heal_log_text(text):
     """A relaunch's output as plain text for the heal log and its summary: the event markers and
-    terminal escapes removed, the lines kept."""
+    terminal escapes removed, the lines kept. A list (stdout, stderr) is joined line after line."""
+    if isinstance(text, (list, tuple)):
+        text = "\n".join(str(part or "") for part in text)
     return _ANSI.sub("", _RUNNER_EVENT.sub("", str(text or "")))
 
 
