@@ -312,6 +312,14 @@ def test_drain_restart_ready_under_load_has_zero_failed_requests(fleet):
     assert backends["r1"].served > served_before, "r1 took traffic again after it was put back"
 
 
+def assert_all_served_by(balancer, name: str, requests: int = 12) -> None:
+    """Chats through the balancer, streamed and not in turn: every one 200, from replica `name`."""
+    for i in range(requests):
+        response = chat(balancer.url, stream=bool(i % 2))
+        assert response.status_code == 200, response.text
+        assert response.headers["x-fake-backend"] == name
+
+
 def test_dead_server_still_believed_up_is_retried_on_the_other_replica(tmp_path):
     backends = {"r1": FakeVLLM("r1").start(), "r2": FakeVLLM("r2").start()}
     # Slow health checks: HAProxy keeps r1 UP for a while after it dies. Balancer returns just after
@@ -321,10 +329,7 @@ def test_dead_server_still_believed_up_is_retried_on_the_other_replica(tmp_path)
     try:
         backends["r1"].stop()
         assert balancer.servers()["r1"]["status"].startswith("UP")
-        for i in range(12):
-            response = chat(balancer.url, stream=bool(i % 2))
-            assert response.status_code == 200, response.text
-            assert response.headers["x-fake-backend"] == "r2"
+        assert_all_served_by(balancer, "r2")
         assert balancer.servers()["r1"]["status"].startswith("UP"), \
             "HAProxy noticed the death meanwhile: nothing was retried"
     finally:
@@ -341,10 +346,7 @@ def test_engine_dead_500_is_retried_on_the_other_replica(tmp_path):
     balancer = Balancer(tmp_path, backends, loadbalancer_check_interval="30s")
     try:
         backends["r1"].fail_status = 500
-        for i in range(12):
-            response = chat(balancer.url, stream=bool(i % 2))
-            assert response.status_code == 200, response.text
-            assert response.headers["x-fake-backend"] == "r2"
+        assert_all_served_by(balancer, "r2")
         assert balancer.servers()["r1"]["status"].startswith("UP"), \
             "r1 left rotation meanwhile: the requests were not retried, only routed elsewhere"
     finally:
