@@ -134,19 +134,22 @@ class FleetExporter:
         exists = os.path.exists(os.path.join(self.cfg.proc_root, str(pid)))
         if mode == "host":
             return exists
+        last = self._last_scan()
+        if last is None:
+            return True if exists else None
+        return exists or pid in last.host_pids or pid in last.ns_pids
+
+    def _last_scan(self):
+        """The processes job's last fresh, successful /proc scan (procscan.ProcessState); None
+        without one."""
         job = self.jobs.get("processes")
         res = job.fresh() if job else None
-        if res is None or not res.success:
-            return True if exists else None
-        if exists or pid in res.value.host_pids or pid in res.value.ns_pids:
-            return True
-        return False
+        return res.value if res is not None and res.success else None
 
     def process_counts(self) -> Optional[Dict[str, int]]:
         """The last fresh /proc scan's count per process class; None without one."""
-        job = self.jobs.get("processes")
-        res = job.fresh() if job else None
-        return dict(res.value.counts) if res is not None and res.success else None
+        last = self._last_scan()
+        return None if last is None else dict(last.counts)
 
     def describe(self) -> List[Metric]:
         return []  # families vary with the configuration; nothing to pre-register

@@ -86,9 +86,9 @@ class VerdictKeeper:
             roles = dict(read_roles(st.launch_dir))
             members = self.tracker.states(sorted(roles), roles)
         counts = self.process_counts()
-        shortfalls = [(pc.name, counts.get(pc.name, 0), pc.expected) for pc in self.cfg.processes
-                      if counts is not None and pc.expected > 0
-                      and counts.get(pc.name, 0) < pc.expected]
+        shortfalls = [] if counts is None else [
+            (pc.name, counts.get(pc.name, 0), pc.expected) for pc in self.cfg.processes
+            if counts.get(pc.name, 0) < pc.expected]
         own = host_problems(self.cfg.host, st.launch_dir, members, st.collectives, now,
                             self.cfg.heartbeat_max_age_s, self.cfg.expect_engine, shortfalls)
         maintenance = read_maintenance(self.cfg.state_dir, self.cfg.deployment, now)
