@@ -101,11 +101,10 @@ def _read_lines(stream, sink):
 def _plan_freeze(plan_dir: Path, launch_id: str, rank: int = 1) -> Path:
     """Rank ``rank`` of ``launch_id`` stops itself (SIGSTOP) on entering the sweep's first
     all-reduce (tests/freeze_rank): inside the sweep every time, however busy the machine."""
-    plan = plan_dir / launch_id
-    for old in (plan, plan.with_name(plan.name + ".stopped")):
-        old.unlink(missing_ok=True)
+    plan, report = plan_dir / launch_id, plan_dir / f"{launch_id}.stopped"
+    report.unlink(missing_ok=True)
     plan.write_text(f"{rank} {FREEZE_STEP}\n")
-    return plan.with_name(plan.name + ".stopped")
+    return report
 
 
 def _wait_frozen(report: Path, procs, output) -> tuple[int, float]:
