@@ -9,7 +9,8 @@
 2. `during`: loadgen started, then `ansible-playbook rolling_restart.yml`; when the playbook ends,
    loadgen gets SIGTERM (no new requests, in-flight ones finish) and reports.
 Prints both side by side (requests, failed, p50/p99 latency and TTFT) and p99 during / before.
-Exit 1 when the playbook failed, any request failed, or the p99 ratio is above --max-p99-ratio.
+Exit 1 when the playbook failed, any request failed, or (with --max-p99-ratio) the p99 ratio is
+above it or could not be measured.
 The endpoint defaults to the first fleet_loadbalancer host's loadbalancer_frontend_port.
 """
 from __future__ import annotations
@@ -150,11 +151,26 @@ def main(argv: list[str] | None = None) -> int:
     if args.json_path:
         Path(args.json_path).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json_path).write_text(json.dumps(result, indent=1))
-    bad = play_rc != 0 or before["failed"] or during["failed"]
-    if args.max_p99_ratio and ratio is not None and ratio > args.max_p99_ratio:
-        print(f"p99 ratio {ratio:.2f} is above {args.max_p99_ratio}")
-        bad = True
-    return 1 if bad else 0
+    problems = verdict(play_rc, before, during, ratio, args.max_p99_ratio)
+    for problem in problems:
+        print(problem)
+    return 1 if problems else 0
+
+
+def verdict(play_rc: int, before: dict, during: dict, ratio: float | None, max_ratio: float) -> list[str]:
+    """Why the run fails, empty when it passes. With a gate (max_ratio > 0) an unmeasured ratio fails:
+    a gate that no data can trip proves nothing."""
+    problems = []
+    if play_rc:
+        problems.append(f"rolling_restart.yml failed (rc {play_rc})")
+    for phase, report in (("before", before), ("during", during)):
+        if report["failed"]:
+            problems.append(f"{report['failed']} request(s) failed {phase} the restart")
+    if max_ratio and ratio is None:
+        problems.append("p99 ratio: not measured (no completed request before or during), so not within the gate")
+    elif max_ratio and ratio > max_ratio:
+        problems.append(f"p99 ratio {ratio:.2f} is above {max_ratio}")
+    return problems
 
 
 if __name__ == "__main__":
