@@ -100,6 +100,11 @@ class Config:
     deployment: str = ""
     # This host runs engine processes of the launch (a missing launch is then a problem).
     expect_engine: bool = False
+    # This host's replica spans several hosts: a fabric link fabric.json names that is down
+    # (netdev operstate, IB port state) is a host problem (fabric_link_down).
+    fabric_link_check: bool = False
+    # Root of the kernel's sysfs (class/net, class/infiniband).
+    sys_root: str = "/sys"
     # Heads: base URLs ("http://ADDR:PORT") of the exporters of the replica's other hosts.
     replica_member_urls: List[str] = dataclasses.field(default_factory=list)
     verdict_interval_s: float = 1.0
@@ -233,6 +238,9 @@ def build_parser() -> argparse.ArgumentParser:
                    default=None, help="judge this host / replica (verdict.py)")
     p.add_argument("--deployment")
     p.add_argument("--expect-engine", action=argparse.BooleanOptionalAction, default=None)
+    p.add_argument("--fabric-link-check", action=argparse.BooleanOptionalAction, default=None,
+                   help="judge the fabric links fabric.json names (hosts of multi-host replicas)")
+    p.add_argument("--sys-root", help="sysfs root (default /sys)")
     p.add_argument("--replica-member-url", dest="replica_member_urls", action="append",
                    help="exporter URL of another host of this replica (heads; repeatable)")
     p.add_argument("--heartbeat-max-age-s", type=float)

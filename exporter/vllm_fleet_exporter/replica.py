@@ -16,6 +16,7 @@ from .jobs import Job
 from .launchstate import LaunchReader
 from .members import MemberTracker, read_roles
 from .checks import fetch_verdict
+from .fabric import fabric_links, links_down
 from .verdict import (HOST_REASONS, REPLICA_REASONS, STATES, MemberReport, ReplicaJudge, Verdict,
                       host_problems, read_maintenance)
 
@@ -90,7 +91,8 @@ class VerdictKeeper:
             (pc.name, counts.get(pc.name, 0), pc.expected) for pc in self.cfg.processes
             if counts.get(pc.name, 0) < pc.expected]
         own = host_problems(self.cfg.host, st.launch_dir, members, st.collectives, now,
-                            self.cfg.heartbeat_max_age_s, self.cfg.expect_engine, shortfalls)
+                            self.cfg.heartbeat_max_age_s, self.cfg.expect_engine, shortfalls,
+                            self.fabric_links_down())
         maintenance = read_maintenance(self.cfg.state_dir, self.cfg.deployment, now)
         self.host_verdict = Verdict("maintenance" if maintenance else
                                     ("unhealthy" if own else "healthy"),
@@ -108,6 +110,13 @@ class VerdictKeeper:
                 and self.latest().state == "unhealthy":
             log.warning("verdict: %s again", v.state)
         return v
+
+    def fabric_links_down(self) -> List[str]:
+        """Read each second with the verdict (a few sysfs files): a cut link is out in seconds."""
+        if not self.cfg.fabric_link_check:
+            return []
+        links = fabric_links(self.cfg.fabric_file)
+        return [] if links is None else links_down(*links, sys_root=self.cfg.sys_root)
 
     # ---- outputs -----------------------------------------------------------------------------
     def latest(self, now: Optional[float] = None) -> Optional[Verdict]:

@@ -18,6 +18,10 @@ Host verdict (every serving host, facts local to it):
   process_missing  a process class this host must run (its Ray node's raylet; the API server on
                    a head) has fewer processes than expected in the last /proc scan (a dead Ray
                    node is seen here in seconds; Ray's own health check takes ~30 s)
+  fabric_link_down a link the replica's inter-node traffic uses (fabric.json's socket interface,
+                   its IB ports) is down by the kernel's account (hosts of multi-host replicas):
+                   a cut link is seen in a second instead of when a transfer passes its
+                   threshold (a fabric that drops traffic with its links up still shows there)
 Replica verdict (head only) adds:
   api_down                 no /health 200 within api_max_silence_s
   member_host_unhealthy    another host of the replica reports a problem
@@ -44,7 +48,7 @@ import time
 from typing import Any, Dict, List, Optional
 
 HOST_REASONS = ("no_launch", "member_exited", "member_stopped", "member_frozen",
-                "heartbeat_stale", "collective_stuck", "process_missing")
+                "heartbeat_stale", "collective_stuck", "process_missing", "fabric_link_down")
 REPLICA_REASONS = HOST_REASONS + ("api_down", "member_host_unhealthy", "member_host_unreachable",
                                   "member_launch_mismatch", "ray_nodes_missing", "canary_failing",
                                   "start_timeout")
@@ -86,13 +90,15 @@ class Verdict:
 
 def host_problems(host: str, launch_dir: Optional[str], members, collectives, now: float,
                   heartbeat_max_age_s: float, expect_engine: bool,
-                  shortfalls=()) -> List[Problem]:
+                  shortfalls=(), links_down=()) -> List[Problem]:
     """Problems of this host's own launch. `members`: members.Member list; `collectives`:
     launchstate.Collective list (live processes only); `shortfalls`: (class, running, expected)
-    of the process classes below their expected count in the last /proc scan."""
+    of the process classes below their expected count in the last /proc scan; `links_down`: text
+    naming each fabric link that is down (fabric.links_down)."""
     missing = [Problem("process_missing", f"{host}: {running} of {expected} {name} process(es) "
                                           "running")
                for name, running, expected in shortfalls]
+    missing += [Problem("fabric_link_down", f"{host}: {what}") for what in links_down]
     if launch_dir is None:
         if expect_engine:
             return [Problem("no_launch", f"{host}: no launch of this deployment")] + missing

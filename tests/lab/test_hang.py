@@ -24,10 +24,11 @@ from tests.lab.conftest import INVENTORY, REPO, am_lift_test_silences, am_silenc
 pytestmark = pytest.mark.day2
 
 # (mode, seconds allowed out of rotation): freeze and stop are seen at once (process state);
-# kill -9 by the exited process; the cut link by the stuck pipeline transfer (10 s threshold);
-# the lost Ray node by its raylet missing from its host's /proc scan (process_missing, 5 s scans;
-# Ray's own health check would take about 30 s).
-MODES = [("stop-worker", 10), ("freeze-stage", 10), ("kill-engine", 10), ("cut-fabric", 30),
+# kill -9 by the exited process; the cut link by its interface's state (fabric_link_down, read
+# each second; the stuck pipeline transfer's 10 s threshold is the fallback); the lost Ray node
+# by its raylet missing from its host's /proc scan (process_missing, 5 s scans; Ray's own health
+# check would take about 30 s). Issue 14's bound, 10 s, for each.
+MODES = [("stop-worker", 10), ("freeze-stage", 10), ("kill-engine", 10), ("cut-fabric", 10),
          ("kill-ray-node", 10)]
 
 
