@@ -95,15 +95,15 @@ def host_problems(host: str, launch_dir: Optional[str], members, collectives, no
     launchstate.Collective list (live processes only); `shortfalls`: (class, running, expected)
     of the process classes below their expected count in the last /proc scan; `links_down`: text
     naming each fabric link that is down (fabric.links_down)."""
-    missing = [Problem("process_missing", f"{host}: {running} of {expected} {name} process(es) "
-                                          "running")
-               for name, running, expected in shortfalls]
-    missing += [Problem("fabric_link_down", f"{host}: {what}") for what in links_down]
+    # problems of the host itself, judged with or without a launch
+    host_level = [Problem("process_missing", f"{host}: {running} of {expected} {name} process(es) running")
+                  for name, running, expected in shortfalls]
+    host_level += [Problem("fabric_link_down", f"{host}: {what}") for what in links_down]
     if launch_dir is None:
         if expect_engine:
-            return [Problem("no_launch", f"{host}: no launch of this deployment")] + missing
-        return missing
-    out = missing
+            return [Problem("no_launch", f"{host}: no launch of this deployment")] + host_level
+        return host_level
+    out = host_level
     for m in members:
         what = f"{host}: {m.role or 'process'} {m.pid}"
         if m.state == "exited":
