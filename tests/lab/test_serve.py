@@ -193,8 +193,13 @@ def test_node_with_other_image_fails_naming_node(fleet):
 
 
 def test_worker_that_cannot_reach_head_fails_fast(fleet):
+    """...and restarts no Ray node on the way: the shorter wait given here is the deploy's own, not
+    a setting of the running containers (it once was, and every head's Ray was recreated under
+    its serving replica)."""
     worker, head = fleet["worker"], fleet["head"]
     head_fabric = json.loads(ssh(fleet, head, "sudo cat /etc/vllm-fleet/fabric.json"))["address"]
+    ray_started = {h: ssh(fleet, h, f"sudo docker inspect --format '{{{{.State.StartedAt}}}}' {fleet['ray']}")
+                   for h in fleet["serving"]}
     ssh(fleet, worker, f"sudo ip route add blackhole {head_fabric}/32")
     try:
         t = time.monotonic()
@@ -204,3 +209,6 @@ def test_worker_that_cannot_reach_head_fails_fast(fleet):
         assert time.monotonic() - t < 120
     finally:
         ssh(fleet, worker, f"sudo ip route del blackhole {head_fabric}/32", check=False)
+    after = {h: ssh(fleet, h, f"sudo docker inspect --format '{{{{.State.StartedAt}}}}' {fleet['ray']}")
+             for h in fleet["serving"]}
+    assert after == ray_started, "the failed run restarted Ray nodes"
