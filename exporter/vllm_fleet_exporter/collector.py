@@ -40,7 +40,7 @@ class FleetExporter:
 
     def __init__(self, cfg: Config):
         self.cfg = cfg
-        self.launch_reader = LaunchReader(cfg.launches_dir)
+        self.launch_reader = LaunchReader(cfg.launches_dir, cfg.deployment)
         self.nccl = NcclLogParser()
         self.nvml = Nvml()
         self.canary_runs = {"success": 0, "failure": 0}
@@ -111,7 +111,8 @@ class FleetExporter:
         return scan(self.cfg.proc_root, self.cfg.processes, self.cfg.pid_check == "auto")
 
     def _nccl(self):
-        return self.nccl.update(self.cfg.nccl_log_globs, newest_launch_dir(self.cfg.launches_dir))
+        newest = newest_launch_dir(self.cfg.launches_dir, self.cfg.deployment)
+        return self.nccl.update(self.cfg.nccl_log_globs, newest)
 
     def start(self) -> None:
         for job in self.jobs.values():

@@ -96,7 +96,9 @@ class Config:
 
     # ---- the verdict (verdict.py): is this host / this replica hung? ----
     verdict_enabled: bool = False
-    # The deployment (maintenance marker <state_dir>/maintenance-<deployment>.json).
+    # The deployment: only its launches are read and judged (another deployment on the host is
+    # not this exporter's), and its maintenance marker <state_dir>/maintenance-<deployment>.json.
+    # Empty: the newest launch of any deployment.
     deployment: str = ""
     # This host runs engine processes of the launch (a missing launch is then a problem).
     expect_engine: bool = False

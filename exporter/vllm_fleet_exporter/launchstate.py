@@ -16,8 +16,35 @@ from typing import Any, Dict, Iterable, List, Optional, Tuple
 HIST_LABELS = ("backend", "size_bytes", "group", "scope", "source")
 
 
-def newest_launch_dir(launches_dir: str) -> Optional[str]:
-    """The launch directory with the latest launch.json `created` (dir mtime if unreadable)."""
+def _read_json(path: str) -> Any:
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return json.load(fh)
+    except (OSError, ValueError):
+        return None
+
+
+def recorded_deployment(launch_dir: str, launch_doc: Any = None) -> Optional[str]:
+    """The deployment a launch directory belongs to, as the plugin records it: launch.json's
+    "deployment", else a member record's (the plugin's ownership.launch_deployment, read-only)."""
+    doc = launch_doc if launch_doc is not None else _read_json(os.path.join(launch_dir, "launch.json"))
+    if isinstance(doc, dict) and doc.get("deployment"):
+        return str(doc["deployment"])
+    try:
+        names = sorted(n for n in os.listdir(os.path.join(launch_dir, "members")) if n.isdigit())
+    except OSError:
+        return None
+    for name in names:
+        member = _read_json(os.path.join(launch_dir, "members", name))
+        if isinstance(member, dict) and member.get("deployment"):
+            return str(member["deployment"])
+    return None
+
+
+def newest_launch_dir(launches_dir: str, deployment: str = "") -> Optional[str]:
+    """The launch directory with the latest launch.json `created` (dir mtime if unreadable);
+    with `deployment`, only that deployment's (another deployment on the same host is not ours
+    to judge: x's launches, never x-y's)."""
     best: Optional[Tuple[float, str]] = None
     try:
         entries = list(os.scandir(launches_dir))
@@ -26,11 +53,13 @@ def newest_launch_dir(launches_dir: str) -> Optional[str]:
     for entry in entries:
         if not entry.is_dir(follow_symlinks=False):
             continue
+        doc = _read_json(os.path.join(entry.path, "launch.json"))
+        if deployment and recorded_deployment(entry.path, doc) != deployment:
+            continue
         created = None
         try:
-            with open(os.path.join(entry.path, "launch.json"), encoding="utf-8") as fh:
-                created = float(json.load(fh)["created"])
-        except (OSError, ValueError, KeyError, TypeError):
+            created = float(doc["created"])
+        except (KeyError, TypeError, ValueError):
             pass
         if created is None:
             try:
@@ -147,14 +176,15 @@ def _merge_histograms(files: List[Dict[str, Any]]) -> Tuple[List[Histogram], int
 
 
 class LaunchReader:
-    def __init__(self, launches_dir: str) -> None:
+    def __init__(self, launches_dir: str, deployment: str = "") -> None:
         self.launches_dir = launches_dir
+        self.deployment = deployment  # empty: every deployment's launches
         self.cache = JsonCache()
 
     def read(self, now: float, pid_alive, stuck_threshold_s: float = 0.0,
              stale_after_s: float = 0.0) -> LaunchState:
         """pid_alive(pid) -> True/False/None (None: unknown, treated as alive)."""
-        ldir = newest_launch_dir(self.launches_dir)
+        ldir = newest_launch_dir(self.launches_dir, self.deployment)
         if ldir is None:
             return LaunchState(None, {}, [], [], 0, None, 0)
         bad = 0

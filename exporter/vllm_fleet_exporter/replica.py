@@ -32,7 +32,8 @@ class VerdictKeeper:
         # the processes job's last counts {class: n}, None while it has none (unknown is not missing)
         self.process_counts = process_counts
         self.is_head = bool(cfg.engine_url)
-        self.reader = LaunchReader(cfg.launches_dir)  # own reader: jobs run in their own thread
+        # own reader (jobs run in their own thread), of this deployment's launches only
+        self.reader = LaunchReader(cfg.launches_dir, cfg.deployment)
         self.tracker = MemberTracker(cfg.proc_root, cfg.cgroup_root)
         self.judge = ReplicaJudge(cfg.host, is_head=self.is_head,
                                   start_timeout_s=cfg.start_timeout_s,

@@ -109,3 +109,26 @@ def test_no_launch_dir_still_reports_zero(tmp_path):
     s = scrape(tmp_path)
     assert sample(s, "vllm_fleet_collective_stuck_processes") == 0
     assert sample(s, "vllm_fleet_collector_success", collector="launch_state") == 1
+
+
+def test_only_this_deployments_launches_are_read(tmp_path):
+    """Deployments x and x-y on one host: x's exporter reads x's newest launch, never x-y's newer
+    one (its verdict once saw "node2 runs launch x-y-..., head runs x-..."). The deployment is
+    launch.json's, else a member record's; a launch that records none is nobody's."""
+    launches = tmp_path / "launches"
+    write_json(launches / "x-1700000000-aaaaaa" / "launch.json",
+               {"launch_id": "x-1700000000-aaaaaa", "deployment": "x", "created": 1700000000.0})
+    write_json(launches / "x-y-1800000000-bbbbbb" / "launch.json",
+               {"launch_id": "x-y-1800000000-bbbbbb", "deployment": "x-y", "created": 1800000000.0})
+    members_only = launches / "x-1750000000-cccccc"
+    write_json(members_only / "members" / "4242", {"pid": 4242, "deployment": "x"})
+    os.utime(members_only, (1750000000, 1750000000))
+    write_json(launches / "unowned" / "launch.json", {"created": 1900000000.0})
+
+    assert newest_launch_dir(str(launches)) == str(launches / "unowned")  # no filter: any
+    assert newest_launch_dir(str(launches), "x") == str(members_only)
+    assert newest_launch_dir(str(launches), "x-y") == str(launches / "x-y-1800000000-bbbbbb")
+    assert newest_launch_dir(str(launches), "z") is None
+    assert LaunchReader(str(launches), "x").read(time.time(), lambda pid: None).launch_dir == str(members_only)
+    s = scrape(tmp_path, "--deployment", "x-y")
+    assert sample(s, "vllm_fleet_launch_info", launch_id="x-y-1800000000-bbbbbb", deployment="x-y") == 1
