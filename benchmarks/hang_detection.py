@@ -10,8 +10,9 @@ Modes (the replica and host are picked from the inventory, or given with --repli
                  frozen pipeline stage: processes alive, sockets open, nothing answers)
   stop-worker    SIGSTOP of the TP rank 1 worker (VLLM::Worker_TP1) of a TP>1 replica
   kill-engine    kill -9 of a replica's engine core (VLLM::EngineCore)
-  cut-fabric     the fabric NIC of a replica's second engine host down; put back once the replica
-                 is out of rotation (so that healing can succeed)
+  cut-fabric     the fabric NIC of a replica's second engine host down; put back once the alert is
+                 at the sink (or --max-alert-s + 30 s passed), so that the heal can pass its fabric
+                 check
   kill-ray-node  `docker kill` of the Ray node container of a replica's Ray-only host
   soak           no fault: --soak seconds of load; nothing may leave rotation, alert or heal
 
@@ -309,11 +310,6 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"[hang] out of rotation after {result['out_s']}s ({out[1]})", flush=True)
             else:
                 problems.append("the replica never left rotation")
-            if restore:
-                fleet.ssh(host, restore)
-            t_alert = wait(lambda: sink.first("VllmFleetReplicaUnhealthy", replica, t0), 180)
-            result["alert_s"] = round(t_alert - t0, 1) if t_alert else None
-            print(f"[hang] alert at the sink after {result['alert_s']}s", flush=True)
 
             def back():
                 s = watcher.of(replica)
@@ -323,9 +319,35 @@ def main(argv: list[str] | None = None) -> int:
                     return s[-1][0] if fleet.verdict(head)["state"] == "healthy" else None
                 except OSError:
                     return None
-            t_back = wait(back, args.heal_timeout, 1)
+
+            # The alert and the way back are watched together, each timed when first seen (a
+            # replica can be back before its alert, or the alert can come late). A cut link stays
+            # cut until the page is out (or --max-alert-s + 30 s passed), as a real cut would,
+            # then is put back so that the heal can pass its fabric check.
+            t_alert = t_back = None
+            restored = not restore
+            alert_deadline = time.monotonic() + 180
+            back_deadline = time.monotonic() + args.heal_timeout
+            while time.monotonic() < back_deadline and (t_back is None or (
+                    t_alert is None and time.monotonic() < alert_deadline)):
+                if t_alert is None:
+                    t_alert = sink.first("VllmFleetReplicaUnhealthy", replica, t0)
+                    if t_alert:
+                        print(f"[hang] alert at the sink after {t_alert - t0:.1f}s", flush=True)
+                if not restored and (t_alert or time.time() - t0 > args.max_alert_s + 30):
+                    fleet.ssh(host, restore)
+                    restored = True
+                    result["restored_s"] = round(time.time() - t0, 1)
+                    print(f"[hang] {host}: `{restore}` after {result['restored_s']}s", flush=True)
+                if restored and t_back is None:
+                    t_back = back()
+                time.sleep(0.5)
+            if not restored:
+                fleet.ssh(host, restore)
+            result["alert_s"] = round(t_alert - t0, 1) if t_alert else None
             result["back_s"] = round(t_back - t0, 1) if t_back else None
-            print(f"[hang] back in rotation, healthy, after {result['back_s']}s", flush=True)
+            print(f"[hang] alert at the sink after {result['alert_s']}s; back in rotation, healthy, after "
+                  f"{result['back_s']}s", flush=True)
             if out:
                 during = [s for s in watcher.of(replica) if out[0] <= s[0] <= (t_back or time.time())
                           and not s[1].startswith("UP")]
