@@ -43,6 +43,10 @@ def run_bench(mode: str, *extra: str, timeout: float = 2400) -> dict:
     return json.loads((out / "result.json").read_text())
 
 
+# A cut link is put back once the page is out (benchmarks/hang_detection.py): its engines can outlive
+# a short cut, and the replica then comes back on its own before or instead of a relaunch.
+RECOVERS_WHEN_PUT_BACK = {"cut-fabric"}
+
 # A stopped TP worker, the case seed 000 saw, also runs in the lab tier (make test, CI); every mode
 # runs in make test-day2.
 CI_MODES = {"stop-worker"}
@@ -67,8 +71,13 @@ def test_hung_replica_leaves_rotation_pages_and_heals(deployed_lab, healing_on, 
     assert r["out_s"] <= max_out and r["alert_s"] <= 60 and r["back_s"] <= 300
     assert r["sent_after_out"] == 0
     assert r["failed"] <= r["in_flight_at_out"]
-    results = [h["result"] for h in r["healer"] if h["replica"] == r["replica"]]
-    assert "started" in results and "healed" in results, r["healer"]
+    mine = [h for h in r["healer"] if h["replica"] == r["replica"]]
+    results = [h["result"] for h in mine]
+    if mode in RECOVERS_WHEN_PUT_BACK and "started" not in results:
+        # the healer was asked (the page went out) and found the replica healthy again: no relaunch
+        assert any(h["result"] == "skipped" and "healthy now" in h.get("why", "") for h in mine), r["healer"]
+    else:
+        assert "started" in results and "healed" in results, r["healer"]
 
 
 def test_no_false_alarm_under_sustained_load(deployed_lab, healing_on):
