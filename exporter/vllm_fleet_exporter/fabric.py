@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 # Keys exposed as labels of vllm_fleet_fabric_info (a fixed set: stable label names).
 INFO_KEYS = ("NCCL_SOCKET_IFNAME", "GLOO_SOCKET_IFNAME", "VLLM_HOST_IP", "FLEET_RAY_NODE_IP",
@@ -67,14 +67,15 @@ def ray_node_ip(env: Optional[Dict[str, str]]) -> str:
 _NETDEV_DOWN = ("down", "lowerlayerdown", "notpresent", "dormant", "testing")
 
 
-def fabric_links(path: str) -> Optional[Tuple[str, List[str]]]:
+def fabric_links(path: str, load: Optional[Callable[[str], Any]] = None) -> Optional[Tuple[str, List[str]]]:
     """(socket interface, IB/RoCE ports as "hca:port") that fabric.json says this host's
-    inter-node traffic uses; None when there is no readable file (nothing to watch)."""
+    inter-node traffic uses; None when there is no readable file (nothing to watch). `load`:
+    path -> parsed JSON (a launchstate.JsonCache's, for a caller that asks every second)."""
     try:
-        data = _read(path)
+        data = (load or _read)(path)
     except (OSError, ValueError):  # the fabric collector reports an unreadable file
         return None
-    if data is None:
+    if not isinstance(data, dict):
         return None
     ib = data.get("ib") if isinstance(data.get("ib"), dict) else {}
     return str(data.get("interface") or ""), [str(p) for p in ib.get("ports") or []]

@@ -13,7 +13,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 
 from .config import Config
 from .jobs import Job
-from .launchstate import LaunchReader
+from .launchstate import JsonCache, LaunchReader
 from .members import MemberTracker, read_roles
 from .checks import fetch_verdict
 from .fabric import fabric_links, links_down
@@ -35,6 +35,7 @@ class VerdictKeeper:
         # own reader (jobs run in their own thread), of this deployment's launches only
         self.reader = LaunchReader(cfg.launches_dir, cfg.deployment)
         self.tracker = MemberTracker(cfg.proc_root, cfg.cgroup_root)
+        self._fabric_json = JsonCache()
         self.judge = ReplicaJudge(cfg.host, is_head=self.is_head,
                                   start_timeout_s=cfg.start_timeout_s,
                                   api_max_silence_s=cfg.api_max_silence_s,
@@ -113,10 +114,11 @@ class VerdictKeeper:
         return v
 
     def fabric_links_down(self) -> List[str]:
-        """Read each second with the verdict (a few sysfs files): a cut link is out in seconds."""
+        """The links' state is read with each verdict (a few sysfs files), so a cut link is out in
+        seconds; fabric.json itself is parsed again only when it changes (a deploy)."""
         if not self.cfg.fabric_link_check:
             return []
-        links = fabric_links(self.cfg.fabric_file)
+        links = fabric_links(self.cfg.fabric_file, self._fabric_json.load)
         return [] if links is None else links_down(*links, sys_root=self.cfg.sys_root)
 
     # ---- outputs -----------------------------------------------------------------------------

@@ -111,3 +111,9 @@ def test_exporter_verdict_follows_the_link_state(tmp_path):
     (root / "class/net/fab0/operstate").write_text("up\n")
     watched.run_all_once()
     assert watched.verdict.latest().state == "healthy"
+    # a redeploy that moves the fabric to another interface: the new file is read, not a cached copy
+    (root / "class/net/fabric9").mkdir()
+    (root / "class/net/fabric9/operstate").write_text("down\n")
+    write_fabric_json(fabric, "fabric9", [])
+    watched.run_all_once()
+    assert "node3: fabric interface fabric9 is down" in watched.verdict.latest().summary()
