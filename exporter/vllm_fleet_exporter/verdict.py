@@ -59,9 +59,13 @@ STATES = ("healthy", "starting", "maintenance", "unhealthy")
 class Problem:
     reason: str  # one of REPLICA_REASONS (a fixed set: metric label values)
     detail: str  # human text: which host, rank, pid, for how long
+    cause: str = ""  # member_host_unhealthy: the member's own reason (the healer's scope reads it)
 
     def to_json(self) -> Dict[str, str]:
-        return {"reason": self.reason, "detail": self.detail}
+        out = {"reason": self.reason, "detail": self.detail}
+        if self.cause:
+            out["cause"] = self.cause
+        return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -222,5 +226,6 @@ class ReplicaJudge:
                                f"{host}: runs launch {other}, head runs {launch_id}"))
         for p in v.get("problems") or []:
             if isinstance(p, dict) and p.get("reason") in HOST_REASONS:
-                out.append(Problem("member_host_unhealthy", str(p.get("detail", ""))))
+                out.append(Problem("member_host_unhealthy", str(p.get("detail", "")),
+                                   cause=str(p["reason"])))
         return out

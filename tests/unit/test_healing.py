@@ -20,7 +20,39 @@ def test_a_replica_that_is_not_unhealthy_is_never_relaunched(state):
 
 def test_a_hung_replica_is_healed_with_its_reason():
     d = fleet_heal_decision(HUNG, [], "a", 1000, 2)
-    assert d == {"action": "heal", "why": "node2: process 7 is stopped"}
+    assert d == {"action": "heal", "why": "node2: process 7 is stopped", "scope": "replica"}
+
+
+def _verdict(*problems):
+    return {"state": "unhealthy", "problems": [dict(zip(("reason", "cause"), p)) | {"detail": "x"}
+                                               for p in problems]}
+
+
+@pytest.mark.parametrize("problems", [
+    [("member_stopped",)], [("member_frozen",)], [("member_exited",)], [("heartbeat_stale",)],
+    [("collective_stuck",)], [("api_down",), ("canary_failing",)],
+    [("member_host_unhealthy", "member_frozen"), ("collective_stuck",), ("api_down",)],
+])
+def test_the_engines_own_failures_relaunch_only_the_engine_where_allowed(problems):
+    assert fleet_heal_decision(_verdict(*problems), [], "a", 1000, 2, True)["scope"] == "engine"
+    # a CUDA engine (its workers live in Ray) is never allowed it: the caller passes False
+    assert fleet_heal_decision(_verdict(*problems), [], "a", 1000, 2, False)["scope"] == "replica"
+
+
+@pytest.mark.parametrize("problems", [
+    [("process_missing",)], [("ray_nodes_missing",)], [("fabric_link_down",)],
+    [("member_host_unreachable",)], [("start_timeout",)], [("no_launch",)],
+    [("member_launch_mismatch",)], [("member_stopped",), ("ray_nodes_missing",)],
+    [("member_host_unhealthy", "process_missing")],
+    [("member_host_unhealthy",)],  # a member's problem without its cause (an older exporter)
+    [],
+])
+def test_anything_else_relaunches_the_whole_replica(problems):
+    assert fleet_heal_decision(_verdict(*problems), [], "a", 1000, 2, True)["scope"] == "replica"
+
+
+def test_a_silent_head_relaunches_the_whole_replica():
+    assert fleet_heal_decision(None, [], "a", 1000, 2, True)["scope"] == "replica"
 
 
 def test_a_head_that_does_not_answer_is_healed():

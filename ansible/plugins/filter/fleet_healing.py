@@ -1,7 +1,7 @@
 """The healer's decision, as a filter so the rule lives in Python and is unit-tested.
 
-    {{ verdict | fleet_heal_decision(records, replica, now, max_per_hour) }}
-      -> {'action': 'heal' | 'skip' | 'refuse', 'why': '...'}
+    {{ verdict | fleet_heal_decision(records, replica, now, max_per_hour, engine_scope_ok) }}
+      -> {'action': 'heal' | 'skip' | 'refuse', 'why': '...', 'scope': 'engine' | 'replica'}
 
 verdict: the head exporter's /verdict JSON (or None when it did not answer); records: the
 healer's log (dicts with ts, replica, result), newest last.
@@ -11,6 +11,13 @@ healer's log (dicts with ts, replica, result), newest last.
 - heal    otherwise. A head that does not answer at all is a dead replica: heal it.
 A replica that is not unhealthy is never relaunched, so healing never takes out a replica that
 serves, let alone the last one.
+
+scope (of a heal): 'engine' relaunches only the vLLM containers and keeps the replica's Ray nodes,
+'replica' relaunches both. 'engine' only when the caller allows it (engine_scope_ok: vLLM does not
+run inside Ray, i.e. the cpu engine's --nnodes launch) and every problem is the engine's own
+(ENGINE_REASONS, for a member host's problem its `cause`): then the Ray nodes are healthy and
+restarting them only costs time. Anything else (a Ray node or raylet missing, a link down, a
+silent host or head, a launch that never served) gets the whole replica.
 """
 
 from __future__ import annotations
@@ -35,7 +42,24 @@ def fleet_heal_log_text(text):
     return _ANSI.sub("", _RUNNER_EVENT.sub("", str(text or "")))
 
 
-def fleet_heal_decision(verdict, records, replica, now, max_per_hour):
+# The engine's own failures: a registered vLLM process stopped, frozen, exited or wedged, its API
+# silent, its canaries failing. None of them says anything about the Ray nodes.
+ENGINE_REASONS = frozenset({"member_exited", "member_stopped", "member_frozen", "heartbeat_stale",
+                            "collective_stuck", "api_down", "canary_failing"})
+
+
+def heal_scope(verdict, engine_scope_ok):
+    """'engine' when engine_scope_ok and every problem of the verdict is in ENGINE_REASONS."""
+    if not engine_scope_ok or not isinstance(verdict, dict):
+        return "replica"
+    causes = []
+    for p in verdict.get("problems") or []:
+        if isinstance(p, dict):  # a member host's problem counts by its own reason (its cause)
+            causes.append(p.get("cause") if p.get("reason") == "member_host_unhealthy" else p.get("reason"))
+    return "engine" if causes and all(c in ENGINE_REASONS for c in causes) else "replica"
+
+
+def fleet_heal_decision(verdict, records, replica, now, max_per_hour, engine_scope_ok=False):
     try:
         now = float(now)
         max_per_hour = int(max_per_hour)
@@ -55,7 +79,7 @@ def fleet_heal_decision(verdict, records, replica, now, max_per_hour):
         return {"action": "refuse",
                 "why": f"replica {replica} was already healed {len(recent)} times in the last "
                        f"hour (heal_max_per_hour={max_per_hour}); it is still unhealthy: {why}"}
-    return {"action": "heal", "why": why}
+    return {"action": "heal", "why": why, "scope": heal_scope(verdict, engine_scope_ok)}
 
 
 class FilterModule:
