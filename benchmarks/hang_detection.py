@@ -406,7 +406,8 @@ def main(argv: list[str] | None = None) -> int:
     result["problems"] = problems
     print(json.dumps({k: v for k, v in result.items() if k != "healer"}, indent=1))
     for r in result["healer"]:
-        print(f"[hang] healer: {r.get('result')} {r.get('replica')}: {r.get('why', '')[:200]}")
+        print(f"[hang] healer: {r.get('result')} {r.get('replica')}"
+              f"{' (' + r['scope'] + ')' if r.get('scope') else ''}: {r.get('why', '')[:200]}")
     if args.json_path:
         Path(args.json_path).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json_path).write_text(json.dumps(result, indent=1))
