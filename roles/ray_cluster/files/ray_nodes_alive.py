@@ -1,11 +1,11 @@
 """Wait until Ray's GCS lists the given node IPs ALIVE; print them as JSON.
 
 Runs once per wait inside the head's Ray container (`docker exec -i ... python3 - ARGS`, this
-file on stdin), so Ray is imported once, not once per attempt as `ray list nodes` did, and the
-answer comes from the GCS itself, not from the dashboard's state API: on a host at load 50 the
-dashboard answered no state query for ten minutes after `ray start` had printed that Ray was up
-(issue 14), while the GCS answers in milliseconds. Ray's token authentication is read from the
-container's environment (RAY_AUTH_MODE / RAY_AUTH_TOKEN_PATH), never from a command line.
+file on stdin), so Ray is imported once, not once per attempt as `ray list nodes` did (a Python
+start-up with Ray's import each time, about a minute at load 50), and the answer comes from the
+GCS itself, not through the dashboard's state API (the wait no longer needs a dashboard). Ray's
+token authentication is read from the container's environment (RAY_AUTH_MODE /
+RAY_AUTH_TOKEN_PATH), never from a command line.
 
 Usage: python3 - GCS_ADDRESS TIMEOUT_SECONDS WANT_IPS_JSON   (the deadline counts from start-up,
        before Ray is imported, on this host's clock)

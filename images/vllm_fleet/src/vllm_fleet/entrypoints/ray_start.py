@@ -1,6 +1,6 @@
 """``python -m vllm_fleet.entrypoints.ray_start <ray start arguments>``: Ray's own ``ray start``,
-made to survive a busy host, then run in this process. Three changes, each for a start-up wait
-of Ray 2.55 that has no setting and was missed on the 2-core lab at load 30 to 50:
+made to survive a busy host, then run in this process. Three changes around two start-up waits
+of Ray 2.55 that have no setting and were missed on the 2-core lab at load 30 to 50:
 
 1. The raylet gets the dashboard agent's listen port on its command line
    (``--dashboard_agent_listen_port``, a raylet flag Ray's ``start_raylet`` does not pass although
