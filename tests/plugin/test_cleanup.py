@@ -80,6 +80,39 @@ def test_only_recorded_segments_of_dead_launches_of_this_deployment_are_removed(
                 os.unlink(p)
 
 
+def test_a_killed_owner_not_yet_reaped_counts_as_dead(state_dir):
+    """The cleanup SIGKILLs a dead launch's orphans, then judges that launch. Orphans are reaped by
+    init, which on a busy host can be after that judgement: until then each is a zombie with its
+    pid and start time unchanged. A zombie runs nothing and maps nothing, so its launch is dead
+    and its recorded segment goes (seen under load: the segment stayed until the next launch)."""
+    from vllm_fleet import ownership
+
+    owner, paths = _start_owner(state_dir, "x", "x-1-aaaaaa")
+    try:
+        owner.send_signal(signal.SIGKILL)
+        # not reaped on purpose (this test is its parent): a zombie, as an orphan not yet reaped
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not _is_zombie(owner.pid):
+            time.sleep(0.05)
+        assert _is_zombie(owner.pid), "the killed owner should be a zombie until it is reaped"
+        assert ownership.start_ticks(owner.pid) is not None  # same pid and start time as recorded
+        assert ownership.Judge().launch_dead(str(state_dir / "launches" / "x-1-aaaaaa"))
+        found = ownership.removable_segments(str(state_dir), "x", own_launch="x-9-new")
+        assert [seg for seg, _ in found] == [paths[0]]
+    finally:
+        owner.kill()
+        owner.wait(10)
+        for p in paths:
+            if os.path.exists(p):
+                os.unlink(p)
+
+
+def _is_zombie(pid):
+    with open(f"/proc/{pid}/stat", encoding="utf-8") as fh:
+        data = fh.read()
+    return data[data.rindex(")") + 2] == "Z"
+
+
 def test_members_of_another_pid_namespace_are_never_judged_by_their_pid(state_dir):
     """A record from another pid namespace (a Ray worker's, seen from the API server's container)
     cannot be judged here: its launch counts as alive, its segments stay."""

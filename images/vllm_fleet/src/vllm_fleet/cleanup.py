@@ -56,6 +56,7 @@ logger = logging.getLogger("vllm_fleet.cleanup")
 IPC_SOCKET_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 DIST_FILE_RE = re.compile(r"^vllm_dist_[0-9a-f]+$")
 GRACE_S = 5.0
+KILL_WAIT_S = 30.0  # for SIGKILLed orphans to exit (bounded; sized for a loaded 2-core host)
 STORE_AGE_S = 3600.0  # vllm_dist_* FileStore files: see the module docstring
 
 
@@ -170,9 +171,15 @@ def kill_processes(procs: list[Proc], grace_s: float = 5.0) -> list[int]:
                 os.kill(pid, signal.SIGKILL)
             except OSError:
                 pass
-    deadline = time.monotonic() + 5.0
+    # A killed process keeps its mappings until the kernel has torn it down, which on a busy host
+    # takes seconds: its segments count as in use until then.
+    deadline = time.monotonic() + KILL_WAIT_S
     while time.monotonic() < deadline and any(_alive(pid) for pid in victims):
         time.sleep(0.05)
+    left = [pid for pid in victims if _alive(pid)]
+    if left:
+        logger.warning("vllm-fleet cleanup: pids %s still exiting after SIGKILL and %.0fs; "
+                       "what they map stays", left, KILL_WAIT_S)
     return victims
 
 

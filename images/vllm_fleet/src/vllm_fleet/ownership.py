@@ -54,12 +54,16 @@ def ns_id(kind: str, pid: int | str = "self") -> str:
         return ""
 
 
-def start_ticks(pid: int) -> int | None:
-    """Start time of a process (clock ticks after boot): with the pid, a unique identity."""
+def start_ticks(pid: int, running: bool = False) -> int | None:
+    """Start time of a process (clock ticks after boot): with the pid, a unique identity.
+    running: None for a zombie too (it has exited; only its parent's wait is missing)."""
     try:
         with open(f"/proc/{pid}/stat", encoding="utf-8", errors="replace") as fh:
             data = fh.read()
-        return int(data[data.rindex(")") + 2:].split()[19])
+        fields = data[data.rindex(")") + 2:].split()
+        if running and fields[0] == "Z":
+            return None
+        return int(fields[19])
     except (OSError, ValueError, IndexError):
         return None
 
@@ -157,7 +161,9 @@ class Judge:
             return "unknown"
         if not ns and not self.everything:
             return "unknown"  # recorded without a namespace: we cannot tell whose pid it is
-        return "alive" if start_ticks(pid) == ticks else "dead"
+        # A zombie is dead: the cleanup's own SIGKILLed orphans are zombies until init reaps
+        # them, which on a busy host can be after the cleanup judges their launch.
+        return "alive" if start_ticks(pid, running=True) == ticks else "dead"
 
     def launch_dead(self, launch_dir: str) -> bool:
         """Every recorded member (and shm creator) is dead; a launch with no record is not."""
