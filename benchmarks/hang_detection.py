@@ -296,6 +296,8 @@ def main(argv: list[str] | None = None) -> int:
             if alerts:
                 problems.append(f"false alarm under load: {[a['labels'] for a in alerts]}")
         else:
+            # the engine's launch before and after: a heal of the Ray nodes alone keeps it
+            result["launch_before"] = fleet.verdict(head).get("launch_id")
             r = fleet.ssh(host, inject)
             print(f"[hang] {host}: `{inject}` -> rc {r.returncode} {r.stderr.strip()}", flush=True)
             if r.returncode != 0:
@@ -316,9 +318,13 @@ def main(argv: list[str] | None = None) -> int:
                 if not (out and s and s[-1][1] == "UP" and s[-1][0] > out[0]):
                     return None
                 try:
-                    return s[-1][0] if fleet.verdict(head)["state"] == "healthy" else None
+                    v = fleet.verdict(head)
                 except OSError:
                     return None
+                if v["state"] != "healthy":
+                    return None
+                result["launch_after"] = v.get("launch_id")
+                return s[-1][0]
 
             # The alert and the way back are watched together, each timed when first seen (a
             # replica can be back before its alert, or the alert can come late). A cut link stays

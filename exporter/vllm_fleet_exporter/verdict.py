@@ -60,11 +60,14 @@ class Problem:
     reason: str  # one of REPLICA_REASONS (a fixed set: metric label values)
     detail: str  # human text: which host, rank, pid, for how long
     cause: str = ""  # member_host_unhealthy: the member's own reason (the healer's scope reads it)
+    process: str = ""  # process_missing (or its cause): the process class short of its count
 
     def to_json(self) -> Dict[str, str]:
         out = {"reason": self.reason, "detail": self.detail}
         if self.cause:
             out["cause"] = self.cause
+        if self.process:
+            out["process"] = self.process
         return out
 
 
@@ -100,7 +103,8 @@ def host_problems(host: str, launch_dir: Optional[str], members, collectives, no
     of the process classes below their expected count in the last /proc scan; `links_down`: text
     naming each fabric link that is down (fabric.links_down)."""
     # problems of the host itself, judged with or without a launch
-    host_level = [Problem("process_missing", f"{host}: {running} of {expected} {name} process(es) running")
+    host_level = [Problem("process_missing", f"{host}: {running} of {expected} {name} process(es) running",
+                          process=name)
                   for name, running, expected in shortfalls]
     host_level += [Problem("fabric_link_down", f"{host}: {what}") for what in links_down]
     if launch_dir is None:
@@ -227,5 +231,5 @@ class ReplicaJudge:
         for p in v.get("problems") or []:
             if isinstance(p, dict) and p.get("reason") in HOST_REASONS:
                 out.append(Problem("member_host_unhealthy", str(p.get("detail", "")),
-                                   cause=str(p["reason"])))
+                                   cause=str(p["reason"]), process=str(p.get("process") or "")))
         return out

@@ -167,8 +167,11 @@ def test_a_missing_process_class_is_a_host_problem_on_any_serving_host():
     v = j.judge(now, members=[ray_only], **kw)
     assert v.state == "unhealthy" and [p.reason for p in v.problems] == ["member_host_unhealthy"]
     assert "node3: 0 of 1 raylet" in v.summary()
-    # the member's own reason travels as `cause`: the healer's scope reads it (a raylet is Ray's)
+    # the member's own reason travels as `cause`, the missing class as `process`: the healer's
+    # scope reads both (a missing raylet is Ray's problem, not the engine's)
+    assert got[0].to_json()["process"] == "raylet"
     assert v.to_json()["problems"] == [{"reason": "member_host_unhealthy", "cause": "process_missing",
+                                        "process": "raylet",
                                         "detail": "node3: 0 of 1 raylet process(es) running"}]
 
 

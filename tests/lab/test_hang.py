@@ -48,10 +48,11 @@ def run_bench(mode: str, *extra: str, timeout: float = 2400) -> dict:
 RECOVERS_WHEN_PUT_BACK = {"cut-fabric"}
 
 # What the heal relaunches (the healer record's scope; docs/monitoring.md): the lab's cpu engine runs
-# vLLM outside Ray, so a hang of the engine's own relaunches only its vLLM containers, while a lost
-# Ray node relaunches the whole replica. kill -9 can take the API server down with the engine
-# (process_missing, which may be Ray's), and a cut link may mend before a heal: not asserted.
-HEAL_SCOPE = {"stop-worker": "engine", "freeze-stage": "engine", "kill-ray-node": "replica"}
+# vLLM outside Ray, so a hang of the engine's own relaunches only its vLLM containers, and a lost
+# Ray node only the Ray nodes (vLLM keeps its launch). kill -9 can take the API server down with
+# the engine (process_missing of the engine: the whole replica), and a cut link may mend before a
+# heal: not asserted.
+HEAL_SCOPE = {"stop-worker": "engine", "freeze-stage": "engine", "kill-ray-node": "ray"}
 
 # A stopped TP worker, the case seed 000 saw, also runs in the lab tier (make test, CI); every mode
 # runs in make test-day2.
@@ -86,6 +87,8 @@ def test_hung_replica_leaves_rotation_pages_and_heals(deployed_lab, healing_on, 
         assert "started" in results and "healed" in results, r["healer"]
     if mode in HEAL_SCOPE:
         assert [h.get("scope") for h in mine if h["result"] == "started"] == [HEAL_SCOPE[mode]], r["healer"]
+        # the scope is what happened: the engine's launch is new exactly when the engine was relaunched
+        assert (r["launch_after"] == r["launch_before"]) == (HEAL_SCOPE[mode] == "ray"), r
 
 
 def test_no_false_alarm_under_sustained_load(deployed_lab, healing_on):

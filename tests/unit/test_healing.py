@@ -4,6 +4,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from ansible.errors import AnsibleFilterError
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "ansible/plugins/filter"))
 from fleet_healing import fleet_heal_decision, fleet_heal_log_text  # noqa: E402
@@ -24,8 +25,12 @@ def test_a_hung_replica_is_healed_with_its_reason():
 
 
 def _verdict(*problems):
-    return {"state": "unhealthy", "problems": [dict(zip(("reason", "cause"), p)) | {"detail": "x"}
-                                               for p in problems]}
+    return {"state": "unhealthy", "problems": [
+        {k: v for k, v in zip(("reason", "cause", "process"), p) if v} | {"detail": "x"}
+        for p in problems]}
+
+
+CPU = ["engine", "ray"]  # what the healer allows where vLLM runs outside Ray (the cpu engine)
 
 
 @pytest.mark.parametrize("problems", [
@@ -34,25 +39,48 @@ def _verdict(*problems):
     [("member_host_unhealthy", "member_frozen"), ("collective_stuck",), ("api_down",)],
 ])
 def test_the_engines_own_failures_relaunch_only_the_engine_where_allowed(problems):
-    assert fleet_heal_decision(_verdict(*problems), [], "a", 1000, 2, True)["scope"] == "engine"
-    # a CUDA engine (its workers live in Ray) is never allowed it: the caller passes False
-    assert fleet_heal_decision(_verdict(*problems), [], "a", 1000, 2, False)["scope"] == "replica"
+    assert fleet_heal_decision(_verdict(*problems), [], "a", 1000, 2, CPU)["scope"] == "engine"
+    assert fleet_heal_decision(_verdict(*problems), [], "a", 1000, 2, ["engine"])["scope"] == "engine"
+    # a CUDA engine (its workers live in Ray) is never allowed it: the caller passes []
+    assert fleet_heal_decision(_verdict(*problems), [], "a", 1000, 2, [])["scope"] == "replica"
+    assert fleet_heal_decision(_verdict(*problems), [], "a", 1000, 2, ["ray"])["scope"] == "replica"
 
 
 @pytest.mark.parametrize("problems", [
-    [("process_missing",)], [("ray_nodes_missing",)], [("fabric_link_down",)],
+    [("ray_nodes_missing",)],
+    [("process_missing", None, "raylet")],
+    # kill-ray-node as the head reports it: the member's missing raylet, then Ray's own count
+    [("member_host_unhealthy", "process_missing", "raylet"), ("ray_nodes_missing",)],
+])
+def test_a_ray_nodes_own_failures_relaunch_only_the_ray_nodes_where_allowed(problems):
+    assert fleet_heal_decision(_verdict(*problems), [], "a", 1000, 2, CPU)["scope"] == "ray"
+    assert fleet_heal_decision(_verdict(*problems), [], "a", 1000, 2, [])["scope"] == "replica"
+    assert fleet_heal_decision(_verdict(*problems), [], "a", 1000, 2, ["engine"])["scope"] == "replica"
+
+
+def test_partial_scopes_must_be_a_list():
+    with pytest.raises(AnsibleFilterError, match="must be a list"):
+        fleet_heal_decision(HUNG, [], "a", 1000, 2, "engine")
+
+
+@pytest.mark.parametrize("problems", [
+    [("process_missing",)],  # a missing class not named (an older exporter)
+    [("process_missing", None, "engine")],  # the API server: not Ray's, and not a member's state
+    [("fabric_link_down",)],
     [("member_host_unreachable",)], [("start_timeout",)], [("no_launch",)],
-    [("member_launch_mismatch",)], [("member_stopped",), ("ray_nodes_missing",)],
+    [("member_launch_mismatch",)],
+    [("member_stopped",), ("ray_nodes_missing",)],  # both parts
+    [("member_host_unhealthy", "member_frozen"), ("member_host_unhealthy", "process_missing", "raylet")],
     [("member_host_unhealthy", "process_missing")],
     [("member_host_unhealthy",)],  # a member's problem without its cause (an older exporter)
     [],
 ])
 def test_anything_else_relaunches_the_whole_replica(problems):
-    assert fleet_heal_decision(_verdict(*problems), [], "a", 1000, 2, True)["scope"] == "replica"
+    assert fleet_heal_decision(_verdict(*problems), [], "a", 1000, 2, CPU)["scope"] == "replica"
 
 
 def test_a_silent_head_relaunches_the_whole_replica():
-    assert fleet_heal_decision(None, [], "a", 1000, 2, True)["scope"] == "replica"
+    assert fleet_heal_decision(None, [], "a", 1000, 2, CPU)["scope"] == "replica"
 
 
 def test_a_head_that_does_not_answer_is_healed():

@@ -1,7 +1,7 @@
 """The healer's decision, as a filter so the rule lives in Python and is unit-tested.
 
-    {{ verdict | fleet_heal_decision(records, replica, now, max_per_hour, engine_scope_ok) }}
-      -> {'action': 'heal' | 'skip' | 'refuse', 'why': '...', 'scope': 'engine' | 'replica'}
+    {{ verdict | fleet_heal_decision(records, replica, now, max_per_hour, partial_scopes) }}
+      -> {'action': 'heal' | 'skip' | 'refuse', 'why': '...', 'scope': 'engine' | 'ray' | 'replica'}
 
 verdict: the head exporter's /verdict JSON (or None when it did not answer); records: the
 healer's log (dicts with ts, replica, result), newest last.
@@ -12,12 +12,13 @@ healer's log (dicts with ts, replica, result), newest last.
 A replica that is not unhealthy is never relaunched, so healing never takes out a replica that
 serves, let alone the last one.
 
-scope (of a heal): 'engine' relaunches only the vLLM containers and keeps the replica's Ray nodes,
-'replica' relaunches both. 'engine' only when the caller allows it (engine_scope_ok: vLLM does not
-run inside Ray, i.e. the cpu engine's --nnodes launch) and every problem is the engine's own
-(ENGINE_REASONS, for a member host's problem its `cause`): then the Ray nodes are healthy and
-restarting them only costs time. Anything else (a Ray node or raylet missing, a link down, a
-silent host or head, a launch that never served) gets the whole replica.
+scope (of a heal): 'replica' relaunches the vLLM containers and the Ray nodes; 'engine' only the
+vLLM containers, 'ray' only the Ray nodes. A part alone only where the caller allows it
+(partial_scopes; the caller allows them where vLLM does not run inside Ray, i.e. the cpu engine's
+--nnodes launch, so one part's failure leaves the other sound) and every problem is that part's
+own: ENGINE_REASONS for 'engine', a Ray node short (ray_nodes_missing, or a missing raylet) for
+'ray'; a member host's problem counts by its `cause`. Anything else (a link down, a silent host or
+head, a launch that never served, problems of both parts) gets the whole replica.
 """
 
 from __future__ import annotations
@@ -48,21 +49,36 @@ ENGINE_REASONS = frozenset({"member_exited", "member_stopped", "member_frozen", 
                             "collective_stuck", "api_down", "canary_failing"})
 
 
-def heal_scope(verdict, engine_scope_ok):
-    """'engine' when engine_scope_ok and every problem of the verdict is in ENGINE_REASONS."""
-    if not engine_scope_ok or not isinstance(verdict, dict):
+def _is_ray_problem(cause, process):
+    return cause == "ray_nodes_missing" or (cause == "process_missing" and process == "raylet")
+
+
+def heal_scope(verdict, partial_scopes=()):
+    """'engine' or 'ray' when allowed (partial_scopes) and every problem is that part's own;
+    else 'replica'."""
+    if not isinstance(verdict, dict):
         return "replica"
     causes = []
     for p in verdict.get("problems") or []:
         if isinstance(p, dict):  # a member host's problem counts by its own reason (its cause)
-            causes.append(p.get("cause") if p.get("reason") == "member_host_unhealthy" else p.get("reason"))
-    return "engine" if causes and all(c in ENGINE_REASONS for c in causes) else "replica"
+            reason = p.get("cause") if p.get("reason") == "member_host_unhealthy" else p.get("reason")
+            causes.append((reason, p.get("process")))
+    if not causes:
+        return "replica"
+    if "engine" in partial_scopes and all(c in ENGINE_REASONS for c, _ in causes):
+        return "engine"
+    if "ray" in partial_scopes and all(_is_ray_problem(c, proc) for c, proc in causes):
+        return "ray"
+    return "replica"
 
 
-def fleet_heal_decision(verdict, records, replica, now, max_per_hour, engine_scope_ok=False):
+def fleet_heal_decision(verdict, records, replica, now, max_per_hour, partial_scopes=()):
     try:
         now = float(now)
         max_per_hour = int(max_per_hour)
+        if isinstance(partial_scopes, (str, bytes)):
+            raise TypeError(f"partial_scopes must be a list, got {partial_scopes!r}")
+        partial_scopes = [str(x) for x in partial_scopes or ()]
     except (TypeError, ValueError) as exc:
         raise AnsibleFilterError(f"fleet_heal_decision: {exc}") from exc
     if isinstance(verdict, dict):
@@ -79,7 +95,7 @@ def fleet_heal_decision(verdict, records, replica, now, max_per_hour, engine_sco
         return {"action": "refuse",
                 "why": f"replica {replica} was already healed {len(recent)} times in the last "
                        f"hour (heal_max_per_hour={max_per_hour}); it is still unhealthy: {why}"}
-    return {"action": "heal", "why": why, "scope": heal_scope(verdict, engine_scope_ok)}
+    return {"action": "heal", "why": why, "scope": heal_scope(verdict, partial_scopes)}
 
 
 class FilterModule:
