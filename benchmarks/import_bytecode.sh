@@ -14,8 +14,7 @@ tries=${2:-3}
 docker image inspect "$image" --format 'image {{.RepoTags}} id {{.Id}} size {{.Size}} bytes'
 probe='import resource, sys, time
 t = time.time()
-for m in sys.argv[1].split(","):
-    __import__(m)
+__import__(sys.argv[1])
 u = resource.getrusage(resource.RUSAGE_SELF)
 print(f"{time.time() - t:.2f} {u.ru_utime + u.ru_stime:.2f}")'
 declare -A cpu

@@ -102,12 +102,8 @@ def _cmd(pid: int) -> str:
 
 
 def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat", encoding="utf-8", errors="replace") as fh:
-            data = fh.read()
-        return data[data.rindex(")") + 2] != "Z"  # a zombie is dead for our purposes
-    except (OSError, ValueError, IndexError):
-        return False
+    """Running: a zombie is dead for our purposes (ownership.start_ticks reads the state)."""
+    return ownership.start_ticks(pid, running=True) is not None
 
 
 def iter_processes(env: dict | None = None):
