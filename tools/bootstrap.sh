@@ -43,11 +43,15 @@ fi
 # bootstraps once per tier, and each pip run costs tens of CPU seconds on a busy 2-core machine.
 editable() {  # editable <venv> <project dir>
   local stamp="$1/.fleet-editable-$(printf '%s' "$2" | tr -c 'A-Za-z0-9' '_')"
-  local want_stamp
-  want_stamp="$PWD/$2 $(sha256sum "$2/pyproject.toml" | cut -d' ' -f1)"
+  local dir want_stamp
+  dir=$(cd "$2" && pwd)
+  want_stamp="$dir $(sha256sum "$2/pyproject.toml" | cut -d' ' -f1)"
   [ "$(cat "$stamp" 2>/dev/null)" = "$want_stamp" ] && return 0
   "$1/bin/pip" install -q -e "$2" 2>&1 | grep -v "is ignored: it is neither" || true
-  "$1/bin/python" -m pip show -q "$(sed -n 's/^name = "\(.*\)"/\1/p' "$2/pyproject.toml" | head -1)" >/dev/null \
+  # pip's own status is hidden by the filter above: the install counts only where pip now names
+  # this checkout as the project's editable location (an older install elsewhere does not).
+  "$1/bin/python" -m pip show "$(sed -n 's/^name = "\(.*\)"/\1/p' "$2/pyproject.toml" | head -1)" 2>/dev/null \
+    | grep -qxF "Editable project location: $dir" \
     || { echo "pip install -e $2 into $1 failed" >&2; exit 1; }
   printf '%s' "$want_stamp" > "$stamp"
 }
