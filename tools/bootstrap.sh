@@ -50,8 +50,11 @@ editable() {  # editable <venv> <project dir>
   "$1/bin/pip" install -q -e "$2" 2>&1 | grep -v "is ignored: it is neither" || true
   # pip's own status is hidden by the filter above: the install counts only where pip now names
   # this checkout as the project's editable location (an older install elsewhere does not).
-  "$1/bin/python" -m pip show "$(sed -n 's/^name = "\(.*\)"/\1/p' "$2/pyproject.toml" | head -1)" 2>/dev/null \
-    | grep -qxF "Editable project location: $dir" \
+  # (Read whole first: `pip show | grep -q` fails under pipefail when grep quits before pip's last
+  # line and pip dies of SIGPIPE, which a busy machine's timing made happen in CI.)
+  local shown
+  shown=$("$1/bin/python" -m pip show "$(sed -n 's/^name = "\(.*\)"/\1/p' "$2/pyproject.toml" | head -1)" 2>/dev/null) || true
+  grep -qxF "Editable project location: $dir" <<<"$shown" \
     || { echo "pip install -e $2 into $1 failed" >&2; exit 1; }
   printf '%s' "$want_stamp" > "$stamp"
 }
