@@ -13,9 +13,11 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import subprocess
 import threading
 import time
+import uuid
 
 import pytest
 
@@ -162,6 +164,38 @@ def test_rerun_changes_nothing_and_keeps_serving(fleet):
     assert not failures, failures[:5]
     assert successes
     assert started == ssh(fleet, head, f"sudo docker inspect --format '{{{{.State.StartedAt}}}}' {vllm}")
+
+
+def test_replaced_images_leave_the_node_only_when_recorded_as_ours(fleet):
+    """The serve stage's last task (roles/image/tasks/prune.yml) on a worker: an image the image
+    role's record names as the deployment's earlier image goes; an image labelled like ours that
+    the record does not name stays, and so does the current one. The deploy recorded the current
+    image on every node."""
+    worker, image = fleet["worker"], fleet["image"]
+    deployment = fleet["vllm"].removesuffix("-vllm")
+    record = "/var/lib/vllm-fleet/images/node-images.json"
+    for h in fleet["serving"]:
+        current = ssh(fleet, h, f"sudo docker image inspect --format '{{{{.Id}}}}' {image}")
+        assert json.loads(ssh(fleet, h, f"sudo cat {record}"))["current"][deployment] == current, h
+    run = uuid.uuid4().hex[:8]
+    label = "LABEL org.opencontainers.image.title=\"vllm-fleet (lab, vllm-cpu)\""
+    make = f"cd $(mktemp -d) && echo {run} > m && tar cf - m | sudo docker import --change '{label}' -"
+    previous = f"{image.split(':')[0]}:previous-{run}"
+    old = ssh(fleet, worker, f"{make} {previous}")
+    stranger = ssh(fleet, worker, make)  # untagged, labelled like ours, unused: not ours to remove
+    add = (f"import json; p = {record!r}; r = json.load(open(p)); "
+           f"r['images'][{old!r}] = {{'names': [{previous!r}]}}; json.dump(r, open(p, 'w'))")
+    ssh(fleet, worker, f"sudo python3 -c {shlex.quote(add)}")
+    try:
+        rc, out, _ = play("deploy.yml", "--tags", "serve", "-e", '{"image_build": false}')
+        assert rc == 0, out[-4000:]
+        assert f"{worker}: removed ['{old}']" in " ".join(out.split()), out[-3000:]
+        gone = ssh(fleet, worker, f"sudo docker image inspect {old} >/dev/null 2>&1 || echo gone", check=False)
+        assert gone == "gone"
+        ssh(fleet, worker, f"sudo docker image inspect {stranger} {image} >/dev/null")
+        assert old not in json.loads(ssh(fleet, worker, f"sudo cat {record}"))["images"]
+    finally:
+        ssh(fleet, worker, f"sudo docker image rm -f {old} {stranger} >/dev/null 2>&1", check=False)
 
 
 def test_bad_model_file_fails_naming_node_and_file(fleet):
