@@ -21,7 +21,7 @@ def test_a_replica_that_is_not_unhealthy_is_never_relaunched(state):
 
 def test_a_hung_replica_is_healed_with_its_reason():
     d = fleet_heal_decision(HUNG, [], "a", 1000, 2)
-    assert d == {"action": "heal", "why": "node2: process 7 is stopped", "scope": "replica"}
+    assert d == {"action": "heal", "why": "node2: process 7 is stopped", "scope": "replica", "fabric_check": True}
 
 
 def _verdict(*problems):
@@ -300,3 +300,20 @@ def test_heal_log_is_plain_text():
                                         "vllm_serve : Wait for the head's /health - 140.01s\n")
     assert fleet_heal_log_text(None) == ""
     assert fleet_heal_log_text(["out\x1b[0m", "err"]) == "out\nerr"  # stdout, stderr
+
+
+@pytest.mark.parametrize("problems,scopes,fabric_check", [
+    ([("member_stopped",)], CPU, False),                      # a stopped process: no fabric in it
+    ([("member_frozen",), ("api_down",)], CPU, False),
+    ([("member_host_unhealthy", "heartbeat_stale")], CPU, False),
+    ([("collective_stuck",)], CPU, True),                     # a link that still says up can do this
+    ([("member_stopped",), ("collective_stuck",)], CPU, True),
+    ([("member_host_unhealthy", "collective_stuck")], CPU, True),
+    ([("member_stopped",)], [], True),                        # a whole-replica heal keeps the check
+    ([("fabric_link_down",)], CPU, True),
+    ([("ray_nodes_missing",)], CPU, True),
+])
+def test_an_engine_only_heal_skips_the_fabric_check_only_when_no_fabric_fault_explains_it(problems, scopes,
+                                                                                          fabric_check):
+    d = fleet_heal_decision(_verdict(*problems), [], "a", 1000, 2, scopes)
+    assert d["action"] == "heal" and d["fabric_check"] is fabric_check, d

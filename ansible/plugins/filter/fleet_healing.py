@@ -1,7 +1,8 @@
 """The healer's decision, as a filter so the rule lives in Python and is unit-tested.
 
     {{ verdict | fleet_heal_decision(records, replica, now, max_per_hour, partial_scopes) }}
-      -> {'action': 'heal' | 'skip' | 'refuse', 'why': '...', 'scope': 'engine' | 'ray' | 'replica'}
+      -> {'action': 'heal' | 'skip' | 'refuse', 'why': '...', 'scope': 'engine' | 'ray' | 'replica',
+          'fabric_check': bool}
 
 verdict: the head exporter's /verdict JSON (or None when it did not answer); records: the
 healer's log (dicts with ts, replica, result), newest last.
@@ -19,6 +20,10 @@ vLLM containers, 'ray' only the Ray nodes. A part alone only where the caller al
 own: ENGINE_REASONS for 'engine', a Ray node short (ray_nodes_missing, or a missing raylet) for
 'ray'; a member host's problem counts by its `cause`. Anything else (a link down, a silent host or
 head, a launch that never served, problems of both parts) gets the whole replica.
+
+fabric_check (of a heal): false only for an engine-only heal none of whose problems a fabric fault
+could cause (FABRIC_SUSPECT: a stuck collective or transfer); the healer then may skip the
+relaunch's fabric check (healer_engine_fabric_check).
 """
 
 from __future__ import annotations
@@ -49,6 +54,20 @@ ENGINE_REASONS = frozenset({"member_exited", "member_stopped", "member_frozen", 
                             "collective_stuck", "api_down", "canary_failing"})
 
 
+# Engine reasons a fabric fault can also cause (a transfer stuck on a link that still says up):
+# a relaunch after one keeps the fabric check, which finds a broken link in seconds.
+FABRIC_SUSPECT = frozenset({"collective_stuck"})
+
+
+def _causes(verdict):
+    causes = []
+    for p in (verdict.get("problems") or []) if isinstance(verdict, dict) else []:
+        if isinstance(p, dict):  # a member host's problem counts by its own reason (its cause)
+            reason = p.get("cause") if p.get("reason") == "member_host_unhealthy" else p.get("reason")
+            causes.append((reason, p.get("process")))
+    return causes
+
+
 def _is_ray_problem(cause, process):
     return cause == "ray_nodes_missing" or (cause == "process_missing" and process == "raylet")
 
@@ -56,13 +75,7 @@ def _is_ray_problem(cause, process):
 def heal_scope(verdict, partial_scopes=()):
     """'engine' or 'ray' when allowed (partial_scopes) and every problem is that part's own;
     else 'replica'."""
-    if not isinstance(verdict, dict):
-        return "replica"
-    causes = []
-    for p in verdict.get("problems") or []:
-        if isinstance(p, dict):  # a member host's problem counts by its own reason (its cause)
-            reason = p.get("cause") if p.get("reason") == "member_host_unhealthy" else p.get("reason")
-            causes.append((reason, p.get("process")))
+    causes = _causes(verdict)
     if not causes:
         return "replica"
     if "engine" in partial_scopes and all(c in ENGINE_REASONS for c, _ in causes):
@@ -95,7 +108,11 @@ def fleet_heal_decision(verdict, records, replica, now, max_per_hour, partial_sc
         return {"action": "refuse",
                 "why": f"replica {replica} was already healed {len(recent)} times in the last "
                        f"hour (heal_max_per_hour={max_per_hour}); it is still unhealthy: {why}"}
-    return {"action": "heal", "why": why, "scope": heal_scope(verdict, partial_scopes)}
+    scope = heal_scope(verdict, partial_scopes)
+    # fabric_check: whether the relaunch should run the fabric check (the healer may skip it for an
+    # engine-only heal whose problems no fabric fault explains).
+    fabric_check = scope != "engine" or any(c in FABRIC_SUSPECT for c, _ in _causes(verdict))
+    return {"action": "heal", "why": why, "scope": scope, "fabric_check": fabric_check}
 
 
 class FilterModule:
