@@ -155,8 +155,24 @@ def ensure_network(name: str, subnet: str) -> None:
         found = json.loads(proc.stdout)[0]["IPAM"]["Config"][0]["Subnet"]
         if found != subnet:
             raise LabError(f"network {name} exists with subnet {found}, expected {subnet}; run `down` first")
-        return
-    run(["docker", "network", "create", "--driver", "bridge", "--subnet", subnet, "--label", LABEL, name])
+    else:
+        run(["docker", "network", "create", "--driver", "bridge", "--subnet", subnet, "--label", LABEL, name])
+    check_route(name, subnet)
+
+
+def check_route(name: str, subnet: str) -> None:
+    """The controller must reach the subnet through this network's own bridge. A bridge left by an
+    earlier Docker state (its data directory wiped while the kernel kept its interfaces) can hold
+    the same subnet and win the route: every host then refuses SSH, which reads like a slow boot."""
+    net_id = json.loads(run(["docker", "network", "inspect", name]).stdout)[0]["Id"]
+    bridge = f"br-{net_id[:12]}"
+    probe = subnet.rsplit(".", 1)[0] + ".2"
+    route = run(["ip", "-o", "route", "get", probe], check=False).stdout.split()
+    dev = route[route.index("dev") + 1] if "dev" in route else "none"
+    if dev != bridge:
+        raise LabError(f"network {name} ({subnet}) is Docker's {bridge}, but this machine routes {probe} through "
+                       f"{dev}: another interface holds the lab's subnet (a bridge left by an earlier Docker "
+                       f"state?). Check `ip -br addr`; if {dev} is such a leftover: ip link del {dev}")
 
 
 def ensure_key() -> Path:
