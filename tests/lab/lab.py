@@ -173,6 +173,19 @@ def check_route(name: str, subnet: str) -> None:
         raise LabError(f"network {name} ({subnet}) is Docker's {bridge}, but this machine routes {probe} through "
                        f"{dev}: another interface holds the lab's subnet (a bridge left by an earlier Docker "
                        f"state?). Check `ip -br addr`; if {dev} is such a leftover: ip link del {dev}")
+    # The same leftover state's NAT rule masquerades traffic between the lab's own hosts (it names
+    # a bridge that is gone), so a host sees its peers as the gateway: the model fan-out's
+    # per-address SSH keys are then refused.
+    if shutil.which("iptables"):
+        rules = run(["iptables", "-t", "nat", "-S", "POSTROUTING"], check=False).stdout.splitlines()
+        for rule in rules:
+            words = rule.split()
+            if words[:4] == ["-A", "POSTROUTING", "-s", subnet] and "MASQUERADE" in words and "-o" in words:
+                iface = words[words.index("-o") + 1]
+                if iface != bridge and not Path(f"/sys/class/net/{iface}").exists():
+                    raise LabError(f"network {name} ({subnet}): this machine masquerades the subnet's traffic "
+                                   f"by a rule for {iface}, an interface that is gone (an earlier Docker "
+                                   f"state's): iptables -t nat {' '.join(['-D'] + words[1:])}")
 
 
 def ensure_key() -> Path:
