@@ -18,8 +18,8 @@ description:
     itself refuses to remove an image a container uses; the module checks first so that it can
     say which container keeps it. A replaced image is about the image's size on every node (3 GB
     for the lab's, far more for CUDA).
-  - C(state=absent) (teardown) forgets the deployment's current image, then prunes the same way: the
-    deployment's own images go unless another deployment on the node still wants them.
+  - C(state=absent) (teardown) forgets the deployment's current image, then prunes the same way, so
+    the deployment's own images go unless another deployment on the node still wants them.
   - Supports check mode (nothing written, nothing removed; C(removed) lists what would go).
 options:
   image:
