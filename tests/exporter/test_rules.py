@@ -47,8 +47,10 @@ def test_unit_tests_catch_a_broken_rule(promtool, tmp_path):
     """Mutation check: the tests must fail when a rule's threshold is wrong."""
     rules_dir = tmp_path / "roles/monitoring/files/rules"
     rules_dir.mkdir(parents=True)
-    (rules_dir / RULES.name).write_text(
-        RULES.read_text().replace("expr: vllm_fleet_engine_up == 0", "expr: vllm_fleet_engine_up == 2"))
+    original = RULES.read_text()
+    mutated = original.replace("vllm_fleet_engine_up == 0", "vllm_fleet_engine_up == 2")
+    assert mutated != original, "the mutation no longer applies: EngineDown's expression changed"
+    (rules_dir / RULES.name).write_text(mutated)
     tdir = tmp_path / "tests/exporter/rules"
     tdir.mkdir(parents=True)
     shutil.copy(TESTS, tdir / TESTS.name)
