@@ -72,10 +72,9 @@ def _is_ray_problem(cause, process):
     return cause == "ray_nodes_missing" or (cause == "process_missing" and process == "raylet")
 
 
-def heal_scope(verdict, partial_scopes=()):
-    """'engine' or 'ray' when allowed (partial_scopes) and every problem is that part's own;
-    else 'replica'."""
-    causes = _causes(verdict)
+def heal_scope(causes, partial_scopes=()):
+    """'engine' or 'ray' when allowed (partial_scopes) and every problem (_causes) is that part's
+    own; else 'replica'."""
     if not causes:
         return "replica"
     if "engine" in partial_scopes and all(c in ENGINE_REASONS for c, _ in causes):
@@ -108,10 +107,11 @@ def fleet_heal_decision(verdict, records, replica, now, max_per_hour, partial_sc
         return {"action": "refuse",
                 "why": f"replica {replica} was already healed {len(recent)} times in the last "
                        f"hour (heal_max_per_hour={max_per_hour}); it is still unhealthy: {why}"}
-    scope = heal_scope(verdict, partial_scopes)
+    causes = _causes(verdict)
+    scope = heal_scope(causes, partial_scopes)
     # fabric_check: whether the relaunch should run the fabric check (the healer may skip it for an
     # engine-only heal whose problems no fabric fault explains).
-    fabric_check = scope != "engine" or any(c in FABRIC_SUSPECT for c, _ in _causes(verdict))
+    fabric_check = scope != "engine" or any(c in FABRIC_SUSPECT for c, _ in causes)
     return {"action": "heal", "why": why, "scope": scope, "fabric_check": fabric_check}
 
 
