@@ -37,6 +37,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from tests.lab.conftest import read_inventory  # noqa: E402  (the lab's own inventory reader)
+from tests.model_servers import Egress, fetch_wheels  # noqa: E402  (byte counters; the seed's clients)
 
 LAB = Path(os.environ.get("FLEETLAB_DIR", REPO / ".lab"))
 MODEL_PATH = "/var/lib/vllm-fleet/models/bench"
@@ -179,45 +180,6 @@ http {{ access_log {self.work}/nginx-access.log; sendfile on;
         return f"http://{self.gateway}:{PORTS['http']}/"
 
 
-def wheelhouse() -> str:
-    """The seed's clients as wheels: the lab's hosts reach no package index of their own."""
-    where = LAB / "model-wheels"
-    if not any(where.glob("huggingface_hub-*.whl")):
-        sh([sys.executable, "-m", "pip", "download", "-q", "-d", str(where), "huggingface-hub==2.4.0", "boto3==1.44.5"],
-           timeout=900)
-    return str(where)
-
-
-# --- counters -----------------------------------------------------------------------------------
-
-class Egress:
-    """Bytes this machine sends to the lab's management subnet, counted by an nftables table of
-    its own (no other table touched): to port 22 (the controller: Ansible and the push) and from
-    each source server's port."""
-
-    def __init__(self, subnet: str):
-        self.subnet = subnet
-        self.names = ["controller_ssh"] + [f"source_{k}" for k in PORTS]
-        self.reset()
-
-    def reset(self) -> None:
-        sh(["nft", "delete", "table", "inet", TABLE], check=False)
-        rules = [f"ip daddr {self.subnet} tcp dport 22 counter"]
-        rules += [f"ip daddr {self.subnet} tcp sport {port} counter" for port in PORTS.values()]
-        sh(["nft", f"add table inet {TABLE}; add chain inet {TABLE} out {{ type filter hook output priority 0; "
-                   f"policy accept; }}"])
-        for rule in rules:
-            sh(["nft", f"add rule inet {TABLE} out {rule}"])
-
-    def read(self) -> dict:
-        text = sh(["nft", "list", "table", "inet", TABLE]).stdout
-        counts = [int(b) for b in __import__("re").findall(r"counter packets \d+ bytes (\d+)", text)]
-        return dict(zip(self.names, counts))
-
-    def remove(self) -> None:
-        sh(["nft", "delete", "table", "inet", TABLE], check=False)
-
-
 # --- runs ---------------------------------------------------------------------------------------
 
 def node(hosts, name, cmd, check=True, timeout=600):
@@ -298,7 +260,7 @@ def main() -> int:
     model = make_model(LAB / "bench-model", args.size_gib)
     size = model_bytes(model)
     log(f"model {model}: {size / GIB:.2f} GiB; hosts {names}; gateway {gateway}")
-    egress = Egress(gateway.rsplit(".", 1)[0] + ".0/24")
+    egress = Egress(gateway.rsplit(".", 1)[0] + ".0/24", PORTS, TABLE)
     servers = Servers(model, gateway, work)
     results = {"size_bytes": size, "hosts": names, "runs": []}
     def run_old() -> None:
@@ -333,11 +295,11 @@ def main() -> int:
                 extra["fleet_model_source"] = "node:/srv/bench-src"
             elif source == "hf":
                 extra.update(fleet_model_source=servers.hf(), model_hf_endpoint=f"http://{gateway}:{PORTS['hf']}",
-                             model_fetch_wheelhouse=wheelhouse())
+                             model_fetch_wheelhouse=str(fetch_wheels(LAB / "model-wheels")))
             elif source == "s3":
                 extra.update(fleet_model_source=servers.s3(), model_s3_endpoint_url=f"http://{gateway}:{PORTS['s3']}",
                              model_s3_region="us-east-1", model_s3_access_key_id="bench",
-                             model_s3_secret_access_key="bench", model_fetch_wheelhouse=wheelhouse())
+                             model_s3_secret_access_key="bench", model_fetch_wheelhouse=str(fetch_wheels(LAB / "model-wheels")))
             elif source == "http":
                 extra["fleet_model_source"] = servers.http()
             egress.reset()

@@ -190,7 +190,7 @@ def deployed_lab(lab):
 # test_model runs after the re-run checks (test_provision, test_serve): its model stage runs for
 # another model path rewrite the fan-out's keys, which the next full deploy.yml puts back (changed).
 LAB_MODULE_ORDER = ["test_lab", "test_provision", "test_serve", "test_monitoring", "test_security", "test_model",
-                    "test_verdict",
+                    "test_model_sources", "test_verdict",
                     "test_rolling_restart", "test_hang", "test_faults", "test_teardown"]
 
 

@@ -11,48 +11,18 @@ import hashlib
 import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
 
+from tests.model_servers import TOKEN, free_port, sha, start_hub, start_nginx, start_s3, stop, write_tree
+
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "roles/model/files/fleet_model.py"
-BIN = Path(sys.executable).parent
-TOKEN = "hf_good_token_for_tests"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_port(port: int, proc: subprocess.Popen, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited {proc.returncode}")
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.3)
-    raise RuntimeError(f"nothing on port {port} after {timeout}s")
-
-
-def spawn(argv, log: Path, **kw) -> subprocess.Popen:
-    return subprocess.Popen(argv, stdout=open(log, "ab"), stderr=subprocess.STDOUT, start_new_session=True, **kw)
-
-
-def stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=30)
+LOOPBACK = "127.0.0.1"
 
 
 def run_script(*args, timeout: float = 300) -> tuple[int, dict]:
@@ -63,10 +33,6 @@ def run_script(*args, timeout: float = 300) -> tuple[int, dict]:
     return proc.returncode, json.loads(lines[-1])
 
 
-def sha(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
 FILES = {"config.json": b'{"num_hidden_layers": 2}\n', "model-00001-of-00002.safetensors": os.urandom(3 << 20),
          "model-00002-of-00002.safetensors": os.urandom(2 << 20)}
 
@@ -74,89 +40,33 @@ FILES = {"config.json": b'{"num_hidden_layers": 2}\n', "model-00001-of-00002.saf
 @pytest.fixture(scope="module")
 def tree():
     """World-readable (nginx's workers are not root; pytest's own tmp directories are 0700)."""
-    root = Path(tempfile.mkdtemp(prefix="fleet-model-tree-"))
-    root.chmod(0o755)
-    for name, data in FILES.items():
-        (root / name).write_bytes(data)
-    (root / "MANIFEST.sha256").write_text("".join(f"{sha(d)}  {n}\n" for n, d in sorted(FILES.items())))
+    root = write_tree(Path(tempfile.mkdtemp(prefix="fleet-model-tree-")), FILES)
     yield root
     shutil.rmtree(root)
 
 
 @pytest.fixture(scope="module")
 def nginx(tmp_path_factory, tree):
-    """Two servers: the HTTP tree, and a token-checking proxy in front of the Hub mirror."""
+    """The HTTP tree, and a token-checking proxy in front of the Hub mirror (tests/model_servers.py)."""
     work = tmp_path_factory.mktemp("nginx")
-    ports = {"http": free_port(), "hf": free_port(), "olah": free_port()}
-    (work / "nginx.conf").write_text(f"""daemon off; worker_processes 1; pid {work}/nginx.pid;
-error_log {work}/error.log;
-events {{ worker_connections 64; }}
-http {{
-  access_log {work}/access.log;
-  server {{ listen 127.0.0.1:{ports['http']}; root {tree}; }}
-  server {{ listen 127.0.0.1:{ports['hf']};
-    location / {{
-      if ($http_authorization != "Bearer {TOKEN}") {{ return 401; }}
-      proxy_pass http://127.0.0.1:{ports['olah']}; proxy_set_header Host $http_host; proxy_buffering off;
-    }}
-  }}
-}}
-""")
-    proc = spawn(["nginx", "-c", str(work / "nginx.conf"), "-p", str(work)], work / "nginx.log")
-    wait_port(ports["http"], proc)
+    proc, ports = start_nginx(work, LOOPBACK, tree)
     yield {"ports": ports, "work": work}
     stop(proc)
 
 
 @pytest.fixture(scope="module")
 def hub(tmp_path_factory, nginx):
-    """olah serving bench/model: a git repository with the shards in git-lfs, made here."""
-    work = tmp_path_factory.mktemp("hub")
-    repo = work / "mirrors" / "models" / "acme" / "tiny"
-    repo.mkdir(parents=True)
-    git = ["git", "-C", str(repo), "-c", "user.email=t@fleet", "-c", "user.name=t"]
-    subprocess.run(git + ["init", "-q"], check=True)
-    subprocess.run(git + ["lfs", "install", "--local"], check=True, capture_output=True)
-    subprocess.run(git + ["lfs", "track", "*.safetensors"], check=True, capture_output=True)
-    for name, data in FILES.items():
-        (repo / name).write_bytes(data)
-    subprocess.run(git + ["add", "-A"], check=True)
-    subprocess.run(git + ["commit", "-qm", "tiny"], check=True)
-    revision = subprocess.run(git + ["rev-parse", "HEAD"], check=True, capture_output=True, text=True).stdout.strip()
-    port = nginx["ports"]["olah"]
-    (work / "olah.toml").write_text(f'[basic]\nhost = "127.0.0.1"\nport = {port}\nmirrors-path = ["{work / "mirrors"}"]\n'
-                                    f'repos-path = "{work / "cache"}"\n[accessibility]\noffline = true\n')
-    proc = spawn([str(BIN / "olah-cli"), "-c", str(work / "olah.toml")], work / "olah.log", cwd=work)
-    wait_port(port, proc)
-    yield {"endpoint": f"http://127.0.0.1:{nginx['ports']['hf']}", "revision": revision, "repo": repo}
+    """olah serving acme/tiny: a git repository with the shards in git-lfs, made here."""
+    proc, revision, repo = start_hub(tmp_path_factory.mktemp("hub"), LOOPBACK, nginx["ports"]["olah"], FILES)
+    yield {"endpoint": f"http://{LOOPBACK}:{nginx['ports']['hf']}", "revision": revision, "repo": repo}
     stop(proc)
 
 
 @pytest.fixture(scope="module")
 def s3(tmp_path_factory, tree):
-    """moto's server with authentication: the first calls (unauthenticated) make a user, its key,
-    a policy and the bucket; everything after must be signed with that key."""
-    import boto3
-    work = tmp_path_factory.mktemp("moto")
-    port = free_port()
-    proc = spawn([str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)], work / "moto.log",
-                 env=dict(os.environ, INITIAL_NO_AUTH_ACTION_COUNT="4"))
-    wait_port(port, proc)
-    endpoint = f"http://127.0.0.1:{port}"
-    iam = boto3.client("iam", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="boot",
-                       aws_secret_access_key="boot")
-    iam.create_user(UserName="fleet")
-    key = iam.create_access_key(UserName="fleet")["AccessKey"]
-    iam.put_user_policy(UserName="fleet", PolicyName="all", PolicyDocument=json.dumps(
-        {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}]}))
-    client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
-                          aws_access_key_id=key["AccessKeyId"], aws_secret_access_key=key["SecretAccessKey"])
-    client.create_bucket(Bucket="models")
-    for f in tree.iterdir():
-        client.upload_file(str(f), "models", f"tiny/{f.name}")
-        if f.name != "MANIFEST.sha256":
-            client.upload_file(str(f), "models", f"nohashes/{f.name}")
-    yield {"endpoint": endpoint, "key": key["AccessKeyId"], "secret": key["SecretAccessKey"], "client": client}
+    """moto's server with authentication: a user, its key and the bucket; every call after signed."""
+    proc, server = start_s3(tmp_path_factory.mktemp("moto"), LOOPBACK, tree, {"tiny": True, "nohashes": False})
+    yield server
     stop(proc)
 
 
