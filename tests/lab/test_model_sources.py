@@ -42,6 +42,7 @@ FILES = {"config.json": b'{"num_hidden_layers": 2}\n', SHARD: os.urandom(6 << 20
          "model-00002-of-00002.safetensors": os.urandom(3 << 20)}
 SIZE = sum(len(d) for d in FILES.values())
 VAULT_PASSWORD = "lab-vault-password"
+LOGS = REPO / "build" / "lab-model-sources"
 
 
 def on(lab, host, cmd, check=True, timeout=120):
@@ -82,6 +83,8 @@ def model_stage(tmp: Path, extra: dict, *args: str, env: dict | None = None, kil
         if kill_when:
             threading.Thread(target=kill_when, daemon=True).start()
         out, _ = proc.communicate(timeout=1800)
+    LOGS.mkdir(parents=True, exist_ok=True)
+    (LOGS / f"{time.strftime('%H%M%S')}-rc{proc.returncode}.log").write_text(out)  # every run's whole output
     return PlaybookRun(proc.returncode, out)
 
 
@@ -228,12 +231,17 @@ def test_http_download_cut_on_the_seed_resumes_where_it_stopped(sources, tmp_pat
     first = model_stage(tmp_path, {"fleet_model_source": source}, kill_when=cut)
     assert cut_at, "the download was never seen under way"
     assert first.rc != 0, first.output[-3000:]
-    assert f"node {seed}: downloading {source}" in flat(first), first.output[-3000:]
+    assert f"node {seed}: downloading {source}: stopped by SIGTERM; what arrived is kept in .fleet-partial" \
+        in flat(first), first.output[-3000:]
     kept = int(on(src, seed, f"stat -c %s {partial}"))
     assert kept >= cut_at["bytes"]
     src["egress"].reset()
     second = model_stage(tmp_path, {"fleet_model_source": source})
     assert second.rc == 0, second.output[-4000:]
+    said = re.search(rf"\[{seed}\] downloading {re.escape(source)}: done in \d+ s \(\d+ file\(s\), ([\d,]+) bytes "
+                     r"downloaded, ([\d,]+) resumed from an interrupted run\)", second.output)
+    assert said, second.output[-3000:]
+    assert int(said[2].replace(",", "")) >= kept
     # the shard's first `kept` bytes were not asked for again (a Range request)
     assert src["egress"].read()["source_slow"] < SIZE - kept + (256 << 10)
     want = {name: sha(data) for name, data in FILES.items()}

@@ -14,6 +14,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -240,9 +241,68 @@ def test_http_tree_resumes_a_cut_download_with_a_range_request(tmp_path, nginx):
     partial.write_bytes(FILES[name][: 1 << 20])
     rc, manifest, out = resolve_and_fetch(tmp_path, spec_file(tmp_path, http_source(nginx)), secrets_file(tmp_path))
     assert rc == 0, out
+    assert out["bytes_kept"] == 1 << 20, out  # what the report says was resumed, not fetched
     assert (tmp_path / "model" / name).read_bytes() == FILES[name]
     log = (nginx["work"] / "access.log").read_text().splitlines()
     assert any(f"GET /{name} HTTP/1.1\" 206 {len(FILES[name]) - (1 << 20)}" in line for line in log), log[-5:]
+
+
+def test_http_partial_that_is_already_whole_is_checked_not_asked_for_again(tmp_path, nginx):
+    # cut between its last byte and its check: a range from its end would be refused (HTTP 416)
+    name, longer = "model-00002-of-00002.safetensors", "model-00001-of-00002.safetensors"
+    fetch_dir = tmp_path / "model" / ".fleet-partial" / "fetch"
+    fetch_dir.mkdir(parents=True)
+    (fetch_dir / name).write_bytes(FILES[name])
+    (fetch_dir / longer).write_bytes(FILES[longer] + b"tail of an older file")  # ours, too long: fetched anew
+    before = len((nginx["work"] / "access.log").read_text().splitlines())
+    rc, _, out = resolve_and_fetch(tmp_path, spec_file(tmp_path, http_source(nginx)), secrets_file(tmp_path))
+    assert rc == 0, out
+    assert all((tmp_path / "model" / n).read_bytes() == d for n, d in FILES.items())
+    gets = [line for line in (nginx["work"] / "access.log").read_text().splitlines()[before:] if '"GET /' in line]
+    assert not any(f"GET /{name} " in line for line in gets), gets
+    assert any(f"GET /{longer} HTTP/1.1\" 200 {len(FILES[longer])}" in line for line in gets), gets
+
+
+def test_a_killed_download_leaves_no_transfer_running(tmp_path, nginx):
+    """SIGKILL of the script (a node's OOM killer, a job's timeout): its curl goes with it, so
+    nothing keeps writing into .fleet-partial beside the next run."""
+    name = "model-00001-of-00002.safetensors"
+    url = f"http://{LOOPBACK}:{nginx['ports']['slow']}/"
+    spec = spec_file(tmp_path, {"scheme": "http", "source": url, "url": url})
+    rc, manifest = run_script("resolve", "--spec", spec, "--secrets", secrets_file(tmp_path))
+    assert rc == 0, manifest
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    partial = tmp_path / "model" / ".fleet-partial" / "fetch" / name
+    proc = subprocess.Popen([sys.executable, str(SCRIPT), "fetch", "--spec", str(spec), "--secrets",
+                             str(tmp_path / "secrets.json"), "--manifest", str(tmp_path / "manifest.json"),
+                             "--dest", str(tmp_path / "model"), "--cache", str(tmp_path / "cache.json"),
+                             "--progress", str(tmp_path / "p.log"), "--workers", "1"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not (partial.exists() and partial.stat().st_size >= 256 << 10):
+        assert proc.poll() is None and time.monotonic() < deadline, "the download never got under way"
+        time.sleep(0.05)
+    proc.kill()
+    proc.wait(timeout=30)
+
+    def curls() -> list[str]:
+        found = []
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+            except OSError:
+                continue
+            if cmd.startswith("curl ") and str(partial) in cmd:
+                found.append(cmd)
+        return found
+
+    while curls():  # SIGTERM on its parent's death; gone within seconds even on a busy machine
+        assert time.monotonic() < deadline, curls()
+        time.sleep(0.2)
+    size = partial.stat().st_size
+    assert size < len(FILES[name])
+    time.sleep(2)
+    assert partial.stat().st_size == size, "something still writes into the partial file"
 
 
 def test_http_tree_without_manifest_is_named(tmp_path, nginx, tree):

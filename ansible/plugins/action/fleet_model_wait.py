@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import shlex
+import signal
 import time
 
 from ansible.plugins.action import ActionBase
@@ -79,12 +80,21 @@ class ActionModule(ActionBase):
         except ValueError:
             data = {}
         if status.get("rc", 1) != 0 or "error" in data:
-            why = data.get("error") or (status.get("stderr") or out or status.get("msg") or "no output")[-2000:]
+            rc = status.get("rc")
+            if isinstance(rc, int) and rc < 0 and not data.get("error"):
+                # stopped from outside (a reboot, an OOM kill, someone's kill): the transfer's
+                # children went with it, and what arrived waits in .fleet-partial
+                name = signal.Signals(-rc).name if -rc in signal.valid_signals() else f"signal {-rc}"
+                why = f"stopped by {name}; what arrived is kept in .fleet-partial: a re-run resumes from it"
+            else:
+                why = data.get("error") or (status.get("stderr") or out or status.get("msg") or "no output")[-2000:]
             return dict(result, failed=True, data=data, msg=f"node {host}: {label}: {why}")
         moved = [f"{data[k]:,} bytes {k.split('_')[1]}" for k in ("bytes_received", "bytes_sent")
                  if isinstance(data.get(k), int)]
         if isinstance(data.get("fetched"), list) and data["fetched"]:
-            moved.append(f"{len(data['fetched'])} file(s), {data.get('bytes', 0):,} bytes downloaded")
+            kept = data.get("bytes_kept") or 0
+            moved.append(f"{len(data['fetched'])} file(s), {data.get('bytes', 0) - kept:,} bytes downloaded"
+                         + (f", {kept:,} resumed from an interrupted run" if kept else ""))
         msg = f"node {host}: {label}: done in {elapsed:.0f} s" + (f" ({', '.join(moved)})" if moved else "")
         if moved:
             display.display(f"  [{host}] {label}: done in {elapsed:.0f} s ({', '.join(moved)})")

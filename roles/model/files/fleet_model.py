@@ -120,6 +120,7 @@ class Progress:
     def __init__(self, path: str | None, total: int, label: str):
         self.path, self.total, self.label = path, total, label
         self.done = 0
+        self.kept = 0  # bytes an interrupted run left in .fleet-partial and this one resumed from
         self.in_flight = None  # optional callable: bytes of files still arriving (HF's .incomplete)
         self.started = time.monotonic()
         self.lock = threading.Lock()
@@ -132,6 +133,11 @@ class Progress:
     def add(self, n: int) -> None:
         with self.lock:
             self.done += n
+
+    def resume(self, n: int) -> None:
+        with self.lock:
+            self.done += n
+            self.kept += n
 
     def line(self) -> str:
         elapsed = max(time.monotonic() - self.started, 1e-3)
@@ -405,6 +411,14 @@ def curl_base(spec: dict) -> list:
     if spec.get("ca_bundle"):
         argv += ["--cacert", spec["ca_bundle"]]
     return argv
+
+
+def bound_to_us(argv: list) -> list:
+    """argv run under util-linux's setpriv --pdeathsig: the child (curl, rsync) gets SIGTERM when
+    the thread that started it dies, even by SIGKILL, so no transfer of a stopped run keeps
+    writing into .fleet-partial beside the next run's (whose lock is free once we are gone)."""
+    setpriv = shutil.which("setpriv")
+    return [setpriv, "--pdeathsig", "TERM", "--", *argv] if setpriv else argv
 
 
 def http_url(spec: dict, rel: str) -> str:
@@ -696,7 +710,7 @@ def fetch_s3(spec, secrets, dest, rel, progress, client):
     if have > size:
         os.unlink(tmp)
         have = 0
-    progress.add(have)
+    progress.resume(have)
     if have < size:
         body = client.get_object(Bucket=spec["bucket"], Key=prefix + rel, Range=f"bytes={have}-")["Body"]
         with open(tmp, "ab") as fh:
@@ -706,15 +720,22 @@ def fetch_s3(spec, secrets, dest, rel, progress, client):
     return tmp
 
 
-def fetch_http(spec, secrets, dest, rel, progress):
-    """curl --continue-at -: an interrupted download resumes from the partial file's size."""
+def fetch_http(spec, secrets, dest, rel, progress, size):
+    """curl --continue-at -: an interrupted download resumes from the partial file's size. A
+    partial that already holds `size` bytes (cut between its last byte and its check) is checked
+    as it is: a range from its end is one the server cannot satisfy (HTTP 416)."""
     tmp = partial_path(dest, rel)
     os.makedirs(os.path.dirname(tmp), exist_ok=True)
     have = os.path.getsize(tmp) if os.path.exists(tmp) else 0
-    proc = subprocess.Popen(curl_base(spec) + ["--continue-at", "-", "--output", tmp, http_url(spec, rel)],
+    if size is not None and have > size:
+        os.unlink(tmp)  # ours, and longer than the file: start over
+        have = 0
+    progress.resume(have)
+    if size is not None and have == size:
+        return tmp
+    proc = subprocess.Popen(bound_to_us(curl_base(spec) + ["--continue-at", "-", "--output", tmp, http_url(spec, rel)]),
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     last = have
-    progress.add(have)
     while proc.poll() is None:
         time.sleep(1)
         now = os.path.getsize(tmp) if os.path.exists(tmp) else 0
@@ -749,7 +770,7 @@ def fetch(spec: dict, secrets: dict, manifest: dict, dest: str, cache: Cache, pr
             elif spec["scheme"] == "s3":
                 tmp = fetch_s3(spec, secrets, dest, rel, progress, client)
             else:
-                tmp = fetch_http(spec, secrets, dest, rel, progress)
+                tmp = fetch_http(spec, secrets, dest, rel, progress, files[rel].get("size"))
             place(dest, rel, tmp, files[rel], cache, mode, uid, gid)
         except Fail as exc:
             errors.append(str(exc))
@@ -767,7 +788,7 @@ def fetch(spec: dict, secrets: dict, manifest: dict, dest: str, cache: Cache, pr
         cache.save()
     if errors:
         raise Fail("; ".join(errors[:5]))
-    return {"fetched": todo, "bytes": total}
+    return {"fetched": todo, "bytes": total, "bytes_kept": progress.kept}
 
 
 RSYNC_RECEIVED = re.compile(r"^Total bytes received: ([\d,.]+)", re.M)
@@ -787,7 +808,7 @@ def rsync_run(argv: list, progress_path: str | None, deadline: float, label: str
             out.flush()
         stats_file = f"{progress_path or '/tmp/fleet-model'}.stats"
         with open(stats_file, "w") as stats:
-            proc = subprocess.Popen(argv + ["--stats"], stdout=stats, stderr=subprocess.PIPE, text=True)
+            proc = subprocess.Popen(bound_to_us(argv + ["--stats"]), stdout=stats, stderr=subprocess.PIPE, text=True)
             tail = threading.Thread(target=_pump_progress, args=(stats_file, out, proc), daemon=True)
             tail.start()
             try:
