@@ -341,6 +341,18 @@ def verify(tmp_path, dest, *extra):
                       tmp_path / "cache.json", "--progress", tmp_path / "verify.progress", *extra)
 
 
+def test_node_directory_copy_reports_the_bytes_it_copied(tmp_path, tree):
+    rc, manifest = run_script("manifest-dir", tree, "--cache", tmp_path / "src-cache.json")
+    assert rc == 0, manifest
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    rc, out = run_script("local", tree, "--manifest", tmp_path / "manifest.json", "--dest", tmp_path / "model",
+                         "--cache", tmp_path / "cache.json", "--margin-mib", "0")
+    assert rc == 0, out
+    # a local rsync's data is what its client sent (what it received is the replies: tens of bytes)
+    assert sum(len(d) for d in FILES.values()) <= out["bytes_copied"] < sum(len(d) for d in FILES.values()) + 65536, out
+    assert all((tmp_path / "model" / n).read_bytes() == d for n, d in FILES.items())
+
+
 def test_verify_names_wrong_extra_and_missing_files_and_deletes_nothing(tmp_path, tree):
     dest = tmp_path / "model"
     shutil.copytree(tree, dest)

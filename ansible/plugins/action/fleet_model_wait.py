@@ -89,7 +89,7 @@ class ActionModule(ActionBase):
             else:
                 why = data.get("error") or (status.get("stderr") or out or status.get("msg") or "no output")[-2000:]
             return dict(result, failed=True, data=data, msg=f"node {host}: {label}: {why}")
-        moved = [f"{data[k]:,} bytes {k.split('_')[1]}" for k in ("bytes_received", "bytes_sent")
+        moved = [f"{data[k]:,} bytes {k.split('_')[1]}" for k in ("bytes_received", "bytes_sent", "bytes_copied")
                  if isinstance(data.get(k), int)]
         if isinstance(data.get("fetched"), list) and data["fetched"]:
             kept = data.get("bytes_kept") or 0

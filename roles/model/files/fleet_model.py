@@ -998,7 +998,8 @@ def run(args, deadline: float) -> dict:
         if args.command == "local":  # node:/path source: the seed copies from its own directory
             argv += [f"--files-from={files_from(args.dest, todo_of(report))}", args.dir.rstrip("/") + "/",
                      args.dest + "/"]
-            return {"bytes_received": rsync_run(argv, args.progress, deadline, f"copying from {args.dir}")}
+            # a local rsync's client is its sender: the data is in "bytes sent" (received: the replies)
+            return {"bytes_copied": rsync_run(argv, args.progress, deadline, f"copying from {args.dir}", sent=True)}
         if args.command == "pull":
             return pull(args, todo_of(report), args.dest, deadline)
     finally:
