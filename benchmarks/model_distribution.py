@@ -44,6 +44,8 @@ MODEL_PATH = "/var/lib/vllm-fleet/models/bench"
 TABLE = "fleetmodel_bench"
 PORTS = {"hf": 18090, "s3": 18091, "http": 18092}
 GIB = 1 << 30
+# moto's server here checks no keys; the role's validation wants real-looking ones (>= 8 characters)
+S3_KEY, S3_SECRET = "benchkey", "benchsecret"
 
 
 def log(msg: str) -> None:
@@ -161,7 +163,7 @@ class Servers:
         self._wait_port(PORTS["s3"])
         import boto3
         client = boto3.client("s3", endpoint_url=f"http://{self.gateway}:{PORTS['s3']}", region_name="us-east-1",
-                              aws_access_key_id="bench", aws_secret_access_key="bench")
+                              aws_access_key_id=S3_KEY, aws_secret_access_key=S3_SECRET)
         client.create_bucket(Bucket="models")
         for f in self.model.iterdir():
             if f.is_file() and not f.name.startswith("."):
@@ -298,8 +300,8 @@ def main() -> int:
                              model_fetch_wheelhouse=str(fetch_wheels(LAB / "model-wheels")))
             elif source == "s3":
                 extra.update(fleet_model_source=servers.s3(), model_s3_endpoint_url=f"http://{gateway}:{PORTS['s3']}",
-                             model_s3_region="us-east-1", model_s3_access_key_id="bench",
-                             model_s3_secret_access_key="bench", model_fetch_wheelhouse=str(fetch_wheels(LAB / "model-wheels")))
+                             model_s3_region="us-east-1", model_s3_access_key_id=S3_KEY,
+                             model_s3_secret_access_key=S3_SECRET, model_fetch_wheelhouse=str(fetch_wheels(LAB / "model-wheels")))
             elif source == "http":
                 extra["fleet_model_source"] = servers.http()
             egress.reset()
