@@ -26,7 +26,6 @@ import hashlib
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -37,7 +36,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from tests.lab.conftest import read_inventory  # noqa: E402  (the lab's own inventory reader)
-from tests.model_servers import Egress, fetch_wheels  # noqa: E402  (byte counters; the seed's clients)
+from tests.model_servers import Egress, fetch_wheels, spawn, wait_port  # noqa: E402  (shared with the tests)
+from tests.model_servers import stop as stop_server  # noqa: E402
 
 LAB = Path(os.environ.get("FLEETLAB_DIR", REPO / ".lab"))
 MODEL_PATH = "/var/lib/vllm-fleet/models/bench"
@@ -109,28 +109,14 @@ class Servers:
 
     def stop(self) -> None:
         for proc in self.procs:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
-                try:
-                    proc.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    os.killpg(proc.pid, signal.SIGKILL)
+            stop_server(proc)
         self.procs.clear()
 
     def _spawn(self, argv, name, **kw) -> None:
-        out = open(self.work / f"{name}.log", "ab")
-        self.procs.append(subprocess.Popen(argv, stdout=out, stderr=out, start_new_session=True, **kw))
+        self.procs.append(spawn(argv, self.work / f"{name}.log", **kw))
 
     def _wait_port(self, port: int, timeout: float = 120) -> None:
-        import socket
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            with socket.socket() as s:
-                s.settimeout(1)
-                if s.connect_ex((self.gateway, port)) == 0:
-                    return
-            time.sleep(0.5)
-        raise RuntimeError(f"nothing listens on {self.gateway}:{port} after {timeout:.0f}s")
+        wait_port(self.gateway, port, self.procs[-1], timeout)
 
     def hf(self) -> str:
         repo = self.work / "hf" / "mirrors" / "models" / "bench" / "model"
