@@ -82,7 +82,11 @@ def model_stage(tmp: Path, extra: dict, *args: str, env: dict | None = None, kil
                           env=dict(os.environ, **(env or {}))) as proc:
         if kill_when:
             threading.Thread(target=kill_when, daemon=True).start()
-        out, _ = proc.communicate(timeout=1800)
+        try:
+            out, _ = proc.communicate(timeout=1800)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise
     LOGS.mkdir(parents=True, exist_ok=True)
     (LOGS / f"{time.strftime('%H%M%S')}-rc{proc.returncode}.log").write_text(out)  # every run's whole output
     return PlaybookRun(proc.returncode, out)
