@@ -317,3 +317,10 @@ def wait_for(pred, timeout: float, interval: float = 0.1):
             pass
         time.sleep(interval)
     raise AssertionError(f"condition not met within {timeout} s (last: {last!r})")
+
+
+def wait_for_cmdline(pid: int, marker: str, timeout: float = 60) -> None:
+    """Wait until a just-spawned child's /proc cmdline shows `marker`. Popen returns when the
+    child's exec has replaced its memory (vfork), before the kernel records where its new argv
+    lies, so a /proc scan can read an empty command line for a moment, longer on a busy machine."""
+    wait_for(lambda: marker in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace"), timeout, 0.05)

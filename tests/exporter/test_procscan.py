@@ -5,9 +5,8 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
-from exporter_testlib import DEAD_PID
+from exporter_testlib import DEAD_PID, wait_for_cmdline
 
 from vllm_fleet_exporter.config import ProcessClass
 from vllm_fleet_exporter.procscan import scan
@@ -19,13 +18,7 @@ def test_scan_counts_and_sees_kill_9():
     classes = [ProcessClass("engine", MARK), ProcessClass("other", r"^no-such-process-xyz$")]
     p = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", MARK])
     try:
-        # Popen returns when the child's exec has replaced its memory (vfork), which is before the
-        # kernel records where its new argv lies: /proc/<pid>/cmdline can read empty for a moment,
-        # longer on a busy machine (a verdict test failed so). Wait for the command line itself.
-        deadline = time.monotonic() + 60
-        while MARK not in Path(f"/proc/{p.pid}/cmdline").read_bytes().decode(errors="replace"):
-            assert time.monotonic() < deadline, "the child never showed its command line"
-            time.sleep(0.05)
+        wait_for_cmdline(p.pid, MARK)
         st = scan("/proc", classes, want_ns_pids=True)
         assert st.counts == {"engine": 1, "other": 0}
         assert abs(st.oldest_start["engine"] - time.time()) < 30

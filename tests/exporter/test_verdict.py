@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+from exporter_testlib import wait_for_cmdline
 
 from vllm_fleet_exporter.launchstate import Collective
 from vllm_fleet_exporter.members import (Member, MemberTracker, cgroup_frozen, read_registry,
@@ -260,13 +261,7 @@ def test_exporter_host_verdict_sees_a_dead_process_of_a_class_it_must_run(tmp_pa
     marker = f"fleet-raylet-stand-in-{os.getpid()}-{time.time_ns()}"
     proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)", marker])
     try:
-        # Popen returns when the child's exec has replaced its memory (vfork), before the kernel
-        # records where its new argv lies: its /proc cmdline can read empty for a moment, and a
-        # scan then finds no raylet (it failed so once). Wait for the command line itself.
-        deadline = time.monotonic() + 60
-        while marker not in Path(f"/proc/{proc.pid}/cmdline").read_bytes().decode(errors="replace"):
-            assert time.monotonic() < deadline, "the stand-in process never showed its marker"
-            time.sleep(0.05)
+        wait_for_cmdline(proc.pid, marker)  # else a scan can find no raylet (it failed so once)
         cfg = load_config(["--state-dir", str(tmp_path), "--nvml", "off", "--host", "node3",
                            "--verdict", "--no-expect-engine", "--process", f"raylet={marker}"])
         exp = FleetExporter(cfg)
