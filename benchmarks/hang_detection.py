@@ -206,6 +206,21 @@ def pick(fleet: Fleet, mode: str, replica: str, host: str) -> tuple[str, str, st
     return replica or sorted(fleet.replicas)[0], host, "", ""
 
 
+def quiet_pager(fleet: Fleet) -> bool:
+    """No VllmFleetReplicaUnhealthy of this deployment is active in Alertmanager (silenced ones
+    included). A fault injected while one still fires gets no notification of its own: its group
+    was notified already, and the sink would see nothing until the group's next interval."""
+    hv = fleet.hv[fleet.monitoring]
+    url = (f"http://{hv['ansible_host']}:{hv.get('fleet_alertmanager_port', 9093)}/api/v2/alerts"
+           "?filter=alertname%3D%22VllmFleetReplicaUnhealthy%22")
+    try:
+        with urllib.request.urlopen(url, timeout=10) as r:
+            alerts = json.loads(r.read())
+    except (OSError, ValueError):
+        return False
+    return not [a for a in alerts if a.get("labels", {}).get("fleet_deployment") == fleet.deployment]
+
+
 def healthy_fleet(fleet: Fleet, watcher: Watcher) -> bool:
     for hosts in fleet.replicas.values():
         try:
@@ -216,7 +231,8 @@ def healthy_fleet(fleet: Fleet, watcher: Watcher) -> bool:
     latest = {}
     for t, n, st, _, _ in list(watcher.samples):
         latest[n] = st
-    return bool(latest) and all(st == "UP" for n, st in latest.items() if n in fleet.replicas)
+    return (bool(latest) and all(st == "UP" for n, st in latest.items() if n in fleet.replicas)
+            and quiet_pager(fleet))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -266,12 +282,14 @@ def main(argv: list[str] | None = None) -> int:
     sink_addr = args.sink_address or fleet.var(fleet.monitoring, "ansible_host").rsplit(".", 1)[0] + ".1"
     sink = Sink(sink_addr, args.sink_port)
     watcher = Watcher(fleet, args.backend, log_dir / "haproxy-servers.csv")
-    print(f"[hang] mode {args.mode}: replica {replica}, host {host or '-'}; waiting for a healthy fleet",
+    print(f"[hang] mode {args.mode}: replica {replica}, host {host or '-'}; waiting for a healthy fleet "
+          "(every verdict healthy, every replica UP, no replica page active)",
           flush=True)
     if not wait(lambda: healthy_fleet(fleet, watcher), args.ready_timeout, 2):
         watcher.stop()
         sink.stop()
-        print(f"[hang] the fleet was not healthy and UP within {args.ready_timeout:.0f}s")
+        print(f"[hang] the fleet was not healthy and UP, or a replica page stayed active, within "
+              f"{args.ready_timeout:.0f}s")
         return 2
 
     load_json = str(log_dir / "loadgen.json")

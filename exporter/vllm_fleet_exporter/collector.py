@@ -78,6 +78,7 @@ class FleetExporter:
 
     def _canary(self):
         key = read_secret(self.cfg.api_key_file)  # re-read: key rotation needs no restart
+        started = time.time()
         res = run_canary(self.cfg.engine_url, self._canary_model, self.cfg.canary_prompt,
                          self.cfg.canary_max_tokens, key, self.cfg.canary_timeout_s)
         if res.success and not self.cfg.canary_model:
@@ -86,7 +87,7 @@ class FleetExporter:
             self._canary_model = ""  # rediscover: the engine may serve another model now
         self.canary_runs["success" if res.success else "failure"] += 1
         if self.verdict is not None:
-            self.verdict.canary_result(res.success)
+            self.verdict.canary_result(res.success, started)
         if not res.success:
             log.info("canary failed: %s", res.error)
         return res

@@ -17,7 +17,7 @@ from .launchstate import JsonCache, LaunchReader
 from .members import MemberTracker, read_roles
 from .checks import fetch_verdict
 from .fabric import fabric_links, links_down
-from .verdict import (HOST_REASONS, REPLICA_REASONS, STATES, MemberReport, ReplicaJudge, Verdict,
+from .verdict import (HOST_REASONS, REPLICA_REASONS, STATES, CanaryStreak, MemberReport, ReplicaJudge, Verdict,
                       host_problems, read_maintenance)
 
 log = logging.getLogger(__name__)
@@ -43,7 +43,7 @@ class VerdictKeeper:
                                   canary_max_failures=cfg.canary_max_failures)
         self.reports: Dict[str, MemberReport] = {u: MemberReport(u) for u in cfg.replica_member_urls}
         self.last_health_ok: Optional[float] = None
-        self.canary_failures = 0  # in a row
+        self.canary = CanaryStreak()  # failed probes in a row, of the launch serving now
         self.ray_state: Optional[int] = None  # ALIVE nodes at the last successful Ray query
         self.host_verdict: Optional[Verdict] = None
         self.jobs: Dict[str, Job] = {
@@ -60,8 +60,8 @@ class VerdictKeeper:
         if up:
             self.last_health_ok = when
 
-    def canary_result(self, success: bool) -> None:
-        self.canary_failures = 0 if success else self.canary_failures + 1
+    def canary_result(self, success: bool, started: float) -> None:
+        self.canary.result(success, started)
 
     def ray_result(self, alive: Optional[int]) -> None:
         self.ray_state = alive
@@ -105,7 +105,7 @@ class VerdictKeeper:
             launch_created=float(created) if isinstance(created, (int, float)) else None,
             own=own, maintenance=maintenance, last_health_ok=self.last_health_ok,
             members=list(self.reports.values()), ray_alive=self.ray_state,
-            ray_expected=expected, canary_failures=self.canary_failures)
+            ray_expected=expected, canary_failures=self.canary.observe(now, launch_id, maintenance))
         if v.state == "unhealthy" and (self.latest() is None or not self.latest().state == v.state):
             log.warning("verdict: %s", v.summary())
         elif v.state != "unhealthy" and self.latest() is not None \

@@ -44,6 +44,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import threading
 import time
 from typing import Any, Dict, List, Optional
 
@@ -154,6 +155,34 @@ class MemberReport:
     last_answer: float = 0.0  # Unix time of the last answer
     verdict: Optional[Dict[str, Any]] = None
     error: str = ""
+
+
+class CanaryStreak:
+    """Failed canaries in a row that speak about the launch serving now. A probe that started before
+    the launch changed, or while the replica was in maintenance (its engine stopped on purpose),
+    says nothing about the launch that serves after it: without this, a rolling restart's failed
+    probes made the relaunched replica "canary_failing" the moment its maintenance ended, and paged
+    (seen in CI) until the next probe succeeded. The canary job calls result(); the verdict job
+    calls observe() (another thread: a lock)."""
+
+    def __init__(self):
+        self.failures = 0
+        self._launch: Optional[str] = None
+        self._counts_from = 0.0
+        self._lock = threading.Lock()
+
+    def result(self, success: bool, started: float) -> None:
+        with self._lock:
+            if success:
+                self.failures = 0
+            elif started >= self._counts_from:
+                self.failures += 1
+
+    def observe(self, now: float, launch_id: str, maintenance: Optional[str]) -> int:
+        with self._lock:
+            if maintenance is not None or launch_id != self._launch:
+                self._launch, self._counts_from, self.failures = launch_id, now, 0
+            return self.failures
 
 
 class ReplicaJudge:

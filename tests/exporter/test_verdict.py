@@ -17,7 +17,7 @@ from exporter_testlib import wait_for_cmdline
 from vllm_fleet_exporter.launchstate import Collective
 from vllm_fleet_exporter.members import (Member, MemberTracker, cgroup_frozen, read_registry,
                                          read_roles)
-from vllm_fleet_exporter.verdict import (MemberReport, ReplicaJudge, host_problems,
+from vllm_fleet_exporter.verdict import (CanaryStreak, MemberReport, ReplicaJudge, host_problems,
                                          read_maintenance)
 
 
@@ -237,6 +237,36 @@ def test_members_ray_and_canary():
                                               "member_launch_mismatch", "ray_nodes_missing",
                                               "canary_failing"]
     assert "node3: process 7 is stopped" in v.summary()
+
+
+def test_canary_failures_count_only_for_the_launch_serving_after_them():
+    """A rolling restart's probes fail while its engine is stopped (maintenance) and before the new
+    launch serves: none of them may make the relaunched replica canary_failing once the maintenance
+    ends (CI saw that page: replica b "canary_failing" right after its restart). Failures of the
+    launch that serves count, and a success ends the streak."""
+    s = CanaryStreak()
+    assert s.observe(100, "L1", None) == 0
+    s.result(False, 101)
+    s.result(False, 102)
+    assert s.observe(103, "L1", None) == 2  # the serving launch's own failures count
+    assert s.observe(110, "L1", "rolling restart") == 0
+    s.result(False, 111)  # the engine is stopped on purpose
+    s.result(False, 112)
+    assert s.observe(113, "L2", "rolling restart") == 0  # relaunched, still in maintenance
+    s.result(False, 112.5)  # started in maintenance, answered after the last look
+    assert s.observe(120, "L2", None) == 0
+    j = judge()
+    kw = dict(launch_id="L2", launch_created=113.0, own=[], maintenance=None, last_health_ok=120.0)
+    j.judge(120, canary_failures=0, **kw)
+    assert j.judge(121, canary_failures=s.observe(121, "L2", None), **kw).state == "healthy"
+    s.result(False, 121)
+    s.result(False, 125)
+    assert s.observe(126, "L2", None) == 2
+    assert j.judge(126, canary_failures=2, **dict(kw, last_health_ok=126.0)).state == "unhealthy"
+    s.result(True, 127)
+    assert s.observe(128, "L2", None) == 0
+    s.result(False, 129)
+    assert s.observe(130, "L3", None) == 0  # a new launch (e.g. a heal without maintenance) starts over
 
 
 def test_maintenance_marker(tmp_path):
