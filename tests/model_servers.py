@@ -150,11 +150,13 @@ def start_s3(work: Path, host: str, tree: Path, prefixes: dict[str, bool]) -> tu
 
 class Egress:
     """Bytes this machine sends from each named server port towards `subnet` (and to its port 22:
-    the controller's SSH), counted by the nftables table `table`, which only this class touches."""
+    the controller's SSH; and to each named destination port, e.g. a registry the controller pushes
+    to), counted by the nftables table `table`, which only this class touches."""
 
-    def __init__(self, subnet: str, ports: dict[str, int], table: str):
-        self.subnet, self.ports, self.table = subnet, ports, table
-        self.names = ["controller_ssh"] + [f"source_{k}" for k in ports]
+    def __init__(self, subnet: str, ports: dict[str, int], table: str, dports: dict[str, int] | None = None):
+        self.subnet, self.ports, self.table, self.dports = subnet, ports, table, dports or {}
+        self.names = (["controller_ssh"] + [f"source_{k}" for k in ports]
+                      + [f"dest_{k}" for k in self.dports])
         self.reset()
 
     def _nft(self, *args: str, check: bool = True) -> str:
@@ -169,6 +171,7 @@ class Egress:
                   f"priority 0; policy accept; }}")
         rules = [f"ip daddr {self.subnet} tcp dport 22 counter"]
         rules += [f"ip daddr {self.subnet} tcp sport {port} counter" for port in self.ports.values()]
+        rules += [f"ip daddr {self.subnet} tcp dport {port} counter" for port in self.dports.values()]
         for rule in rules:
             self._nft(f"add rule inet {self.table} out {rule}")
 

@@ -189,8 +189,9 @@ def deployed_lab(lab):
 # then the fault tests that kill, cut and restart things (each repairs what it broke).
 # test_model runs after the re-run checks (test_provision, test_serve): its model stage runs for
 # another model path rewrite the fan-out's keys, which the next full deploy.yml puts back (changed).
+# test_registry (day2) leaves every node on the image it found, the registry stopped.
 LAB_MODULE_ORDER = ["test_lab", "test_provision", "test_serve", "test_monitoring", "test_security", "test_model",
-                    "test_model_sources", "test_verdict",
+                    "test_model_sources", "test_registry", "test_verdict",
                     "test_rolling_restart", "test_hang", "test_faults", "test_teardown"]
 
 

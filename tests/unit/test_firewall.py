@@ -38,6 +38,7 @@ PORTS = {"ssh": 22, "gcs": 6379, "launch": 21000, "api": 8009, "exporter": 9445,
 # What a monitoring host that also heals listens on: Alertmanager and the healer's webhook.
 MONITORING_PORTS = {"alertmanager": 9093, "healer": 5055}
 NCCL_PORT = 45123  # a random NCCL/Gloo port on the fabric address
+REGISTRY_PORT = 5000  # the in-fleet registry (fleet_registry_port), when head1 is the registry host
 
 LISTEN = textwrap.dedent("""
     import socket, sys, threading, time
@@ -104,7 +105,8 @@ def netns(tmp_path_factory):
         in_ns(NS["host"], "ip", "route", "add", "default", "via", "10.251.0.1")  # management = default route
         for ns, (net, addr) in NEIGHBOURS.items():
             wire(ns, net, addr, "eth0")
-        specs = [f"0.0.0.0:{p}" for p in {**PORTS, **MONITORING_PORTS}.values()] + [f"{HOST_FAB}:{NCCL_PORT}"]
+        specs = ([f"0.0.0.0:{p}" for p in {**PORTS, **MONITORING_PORTS}.values()]
+                 + [f"{HOST_FAB}:{NCCL_PORT}", f"0.0.0.0:{REGISTRY_PORT}"])
         proc = subprocess.Popen(["ip", "netns", "exec", NS["host"], sys.executable, "-c", LISTEN, *specs],
                                 stdout=subprocess.PIPE, text=True)
         listeners.append(proc)
@@ -123,8 +125,9 @@ def netns(tmp_path_factory):
             sh("ip", "netns", "delete", name, check=False)
 
 
-def inventory(tmp: Path, head_monitors: bool = False, **host_vars) -> Path:
-    """head_monitors: head1 is also a monitoring host and the healer host (fleet_healer)."""
+def inventory(tmp: Path, head_monitors: bool = False, registry: bool = False, **host_vars) -> Path:
+    """head_monitors: head1 is also a monitoring host and the healer host (fleet_healer);
+    registry: head1 is also the in-fleet registry's host (fleet_registry)."""
     hv = {"ansible_connection": "local", "ansible_python_interpreter": sys.executable,
           "ansible_host": HOST_MGMT, "fleet_replica": "a", "firewall_ruleset_path": str(tmp / "firewall.nft"),
           "fw_tasks": "table.yml", **host_vars}
@@ -143,6 +146,8 @@ lb ansible_host={NEIGHBOURS["lb"][1]}
 mon ansible_host={NEIGHBOURS["mon"][1]}
 [fleet_healer]
 {"head1" if head_monitors else ""}
+[fleet_registry]
+{"head1" if registry else ""}
 [all:vars]
 fleet_deployment=fwtest
 fleet_api_port={PORTS["api"]}
@@ -209,6 +214,24 @@ def test_alertmanager_and_the_healer_webhook_take_only_the_monitoring_hosts(netn
         for src in ("scan", "lb", "member"):
             assert not reachable(src, HOST_MGMT, port), (src, name)
     converge(netns)  # back to the plain head for the other tests
+
+
+def test_the_in_fleet_registry_takes_the_serving_hosts_and_the_build_host_only(netns):
+    """head1 also runs the in-fleet registry: the serving hosts pull from it (worker2, the member),
+    the build host pushes (mon here; the controller, by the address the registry host sees its SSH
+    from, when the controller builds), nobody else reaches it."""
+    out, _ = converge(netns, registry=True, image_build_host="mon")
+    assert reachable("member", HOST_MGMT, REGISTRY_PORT) and reachable("mon", HOST_MGMT, REGISTRY_PORT), out[-3000:]
+    for src in ("scan", "lb"):
+        assert not reachable(src, HOST_MGMT, REGISTRY_PORT), src
+    listing = in_ns(NS["host"], "nft", "list", "table", "inet", "vllm_fleet").stdout
+    assert f"tcp dport {REGISTRY_PORT} ip saddr @registry_sources_v4 accept" in listing, listing
+    controller = json.dumps({"_firewall_controller_address": {"stdout": NEIGHBOURS["lb"][1] + "\n"}})
+    out, _ = converge(netns, "-e", controller, registry=True)
+    assert reachable("lb", HOST_MGMT, REGISTRY_PORT), out[-3000:]
+    assert not reachable("mon", HOST_MGMT, REGISTRY_PORT) and not reachable("scan", HOST_MGMT, REGISTRY_PORT)
+    converge(netns)  # no registry: the port is not ours, the table names it no more
+    assert reachable("scan", HOST_MGMT, REGISTRY_PORT)
 
 
 def test_rerun_changes_nothing_and_check_diff_shows_a_new_source(netns):

@@ -192,6 +192,12 @@ CASES = [
      problem("gpu-mon.invalid", "ansible_host", "(not set)", "does not resolve on the controller")),
     ("host-two-lines-two-values", 3, edit("[fleet_monitoring]\ngpu-a", "[fleet_monitoring]\ngpu-a ansible_host=192.0.2.11"),
      slip("gpu-a ansible_host=192.0.2.11", "ansible_host=192.0.2.11 here but ansible_host=192.0.2.1 on line 3")),
+    ("registry-group-two-hosts", 3, allvars("[fleet_registry]\ngpu-a\ngpu-b"),
+     problem("(inventory)", "fleet_registry", "['gpu-a', 'gpu-b']", "holds more than one host")),
+    ("registry-and-image-registry", 3, allvars("image_registry=registry.example:5000/ml\n[fleet_registry]\ngpu-a"),
+     problem("gpu-a", "image_registry", "'registry.example:5000/ml'", "or the in-fleet one ([fleet_registry]), not both")),
+    ("registry-address-not-an-ip", 2, allvars("[fleet_registry]\ngpu-a\n[fleet_registry:vars]\nfleet_registry_address=gpu-a.lan"),
+     problem("gpu-a", "fleet_registry_address", "'gpu-a.lan'", "is not an IP address")),
 
     # --- 4: hand-set NCCL/Gloo/Ray settings, free-form args, interface values -----------------
     ("env-nccl-socket-ifname", 4, host("gpu-b", """vllm_serve_env='{"NCCL_SOCKET_IFNAME": "eth0"}'"""),

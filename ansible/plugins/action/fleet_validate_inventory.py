@@ -44,7 +44,9 @@ SERVING_GROUP = "fleet_serving"
 MONITORING_GROUP = "fleet_monitoring"
 BALANCER_GROUP = "fleet_loadbalancer"
 HEALER_GROUP = "fleet_healer"  # optional: the healer host (role healer), else the first monitoring host
-KNOWN_GROUPS = (HEAD_GROUP, WORKER_GROUP, SERVING_GROUP, MONITORING_GROUP, BALANCER_GROUP, HEALER_GROUP)
+REGISTRY_GROUP = "fleet_registry"  # optional: the in-fleet image registry's host (role registry)
+KNOWN_GROUPS = (HEAD_GROUP, WORKER_GROUP, SERVING_GROUP, MONITORING_GROUP, BALANCER_GROUP, HEALER_GROUP,
+                REGISTRY_GROUP)
 TENANT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 TENANT_FIELDS = {"name", "key", "rate_limit"}
 # Port settings where 0 means "no such listener".
@@ -801,6 +803,16 @@ class Checker:
             for host in extra:
                 self.add(host, "groups", SERVING_GROUP, "is in fleet_serving but neither in fleet_head nor in "
                                                         "fleet_workers: put it in one of them")
+        registry = self.groups.get(REGISTRY_GROUP, [])
+        if len(registry) > 1:
+            self.add("(inventory)", REGISTRY_GROUP, registry, "holds more than one host: the in-fleet registry "
+                                                              "runs on one (role registry)")
+        if registry:
+            for host in sorted(self.raw):
+                if self.raw[host].get("image_registry"):
+                    self.add(host, "image_registry", self.raw[host]["image_registry"],
+                             f"is set while [{REGISTRY_GROUP}] names {registry[0]}: use your registry "
+                             f"(image_registry) or the in-fleet one ([{REGISTRY_GROUP}]), not both")
         build_hosts = {str(v.get("image_build_host")) for v in self.raw.values() if v.get("image_build_host")}
         for group in sorted(self.groups):
             if group in KNOWN_GROUPS or group in ("all", "ungrouped"):
