@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """The vllm-fleet local lab: GPU-less "bare-metal hosts" as systemd containers on this machine.
 
-    python3 tests/lab/lab.py up [--hosts N]   create (or repair) the lab, write .lab/inventory.ini
+    python3 tests/lab/lab.py up [--hosts N] [--spares M]
+                                              create (or repair) the lab, write .lab/inventory.ini
     python3 tests/lab/lab.py status           hosts, addresses, SSH reachability
     python3 tests/lab/lab.py ssh HOST [CMD]   SSH into a lab host as the deploy user
     python3 tests/lab/lab.py scanner          a container with nmap on the management network (no
@@ -19,6 +20,12 @@ node1+node2 across hosts (node3 is a Ray worker of that replica); with 4+ hosts 
 = node4 (head) + node5.. (PP=2 when it has two hosts, else TP=2 inside node4); node3 also runs Prometheus and
 the HAProxy balancer in front of the replicas. `--hosts 3` gives one replica (node1 + node2, PP=2)
 behind node3, which then only runs the balancer and Prometheus.
+
+`--spares M` adds M light hosts after those (node<N+1>..): the inventory's [fleet_spare], standing
+by for replica `a`. deploy.yml provisions them, computes their fabric settings, keeps their
+firewall and runs their exporter, but gives them no image, model, Ray node or engine: the scale
+lab, where the deploy's cost per host is measured at many hosts on this one machine
+(benchmarks/deploy_scale.py).
 """
 from __future__ import annotations
 
@@ -356,7 +363,7 @@ def ensure_scanner() -> str:
 
 # --- inventory -----------------------------------------------------------------------------
 
-def inventory_text(count: int, key: Path) -> str:
+def inventory_text(count: int, key: Path, spares: int = 0) -> str:
     """Same format as inventory.example.ini, for the lab's CPU engine (layout: module docstring)."""
     second = list(range(4, count + 1))  # replica b, when the lab has 4+ hosts
 
@@ -367,7 +374,7 @@ def inventory_text(count: int, key: Path) -> str:
         # being restarted. The plugin shortens the window (docs/plugin.md).
         env = {"VLLM_FLEET_SHM_BUSY_LOOP_S": "0.05"}
         if second:
-            line += f" fleet_replica={'b' if i in second else 'a'}"
+            line += f" fleet_replica={'b' if i in second else 'a'}"  # spares (i > count) stand by for a
         if i in (1, 4):  # a head names its fabric NIC; workers find theirs by route to it
             line += " fleet_fabric_interface=eth1"
         if i == 4 and len(second) == 1:
@@ -401,7 +408,9 @@ def inventory_text(count: int, key: Path) -> str:
     workers = "\n".join(host_line(i) for i in range(2, count + 1) if i not in heads and not (dedicated and i == 3))
     balancer = host_name(3)
     replicas = "two replicas behind a balancer" if second else "one replica behind a balancer"
-    return f"""# Written by tests/lab/lab.py for the local lab ({count} container hosts, {replicas}). Do not edit.
+    replicas += f", {spares} spare hosts" if spares else ""
+    spare_group = "[fleet_spare]\n" + "".join(host_line(i) + "\n" for i in range(count + 1, count + spares + 1)) + "\n"
+    return f"""# Written by tests/lab/lab.py for the local lab ({count + spares} container hosts, {replicas}). Do not edit.
 [fleet_head]
 {chr(10).join(host_line(i) for i in heads)}
 
@@ -412,7 +421,7 @@ def inventory_text(count: int, key: Path) -> str:
 fleet_head
 fleet_workers
 
-[fleet_monitoring]
+{spare_group if spares else ""}[fleet_monitoring]
 {host_line(3) if dedicated else host_name(3)}
 
 [fleet_loadbalancer]
@@ -473,16 +482,20 @@ def lab_host_count() -> int:
 
 def cmd_up(args: argparse.Namespace) -> int:
     started = time.monotonic()
-    count = args.hosts
+    count, spares = args.hosts, args.spares
     if count < 3:
         raise LabError("--hosts: the lab needs at least 3 hosts (head, worker, worker/monitoring)")
+    if spares < 0 or count + spares > 200:
+        raise LabError(f"--spares {spares}: between 0 and {200 - count} with --hosts {count} (the lab's "
+                       "addresses end at .210)")
+    total = count + spares
     ensure_docker()
     ensure_base_image()
     ensure_network(MGMT_NET, MGMT_SUBNET)
     ensure_network(FABRIC_NET, FABRIC_SUBNET)
     key = ensure_key()
     pubkey = Path(f"{key}.pub").read_text().strip()
-    for i in range(1, count + 1):
+    for i in range(1, total + 1):
         state = container_state(container_name(i))
         if state is None:
             log(f"creating {host_name(i)} (mgmt {mgmt_ip(i)}, fabric {fabric_ip(i)})")
@@ -490,16 +503,16 @@ def cmd_up(args: argparse.Namespace) -> int:
         elif state != "running":
             log(f"starting {host_name(i)} (was {state})")
             run(["docker", "start", container_name(i)])
-    for i in range(1, count + 1):
+    for i in range(1, total + 1):
         wait_for_systemd(i)
         configure_host(i, pubkey)
         wait_for_ssh(i, key)
     ensure_model()
     inventory = STATE_DIR / "inventory.ini"
-    text = inventory_text(count, key)
+    text = inventory_text(count, key, spares)
     if not inventory.exists() or inventory.read_text() != text:  # unchanged: keep its mtime
         inventory.write_text(text)
-    log(f"{count} hosts up; inventory: {inventory}")
+    log(f"{count} hosts up" + (f", {spares} spares" if spares else "") + f"; inventory: {inventory}")
     log(f"lab up in {time.monotonic() - started:.1f}s")
     return 0
 
@@ -563,6 +576,8 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="cmd", required=True)
     up = sub.add_parser("up", help="create or repair the lab")
     up.add_argument("--hosts", type=int, default=int(os.environ.get("FLEETLAB_HOSTS", DEFAULT_HOSTS)))
+    up.add_argument("--spares", type=int, default=int(os.environ.get("FLEETLAB_SPARES", 0)),
+                    help="light hosts after those: [fleet_spare], no engine (the scale lab)")
     up.set_defaults(func=cmd_up)
     down = sub.add_parser("down", help="remove everything the lab made")
     down.add_argument("--purge", action="store_true", help="also remove the cached base image")

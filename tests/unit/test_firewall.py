@@ -125,17 +125,24 @@ def netns(tmp_path_factory):
             sh("ip", "netns", "delete", name, check=False)
 
 
-def inventory(tmp: Path, head_monitors: bool = False, registry: bool = False, **host_vars) -> Path:
+def inventory(tmp: Path, head_monitors: bool = False, registry: bool = False, spare: bool = False,
+              **host_vars) -> Path:
     """head_monitors: head1 is also a monitoring host and the healer host (fleet_healer);
-    registry: head1 is also the in-fleet registry's host (fleet_registry)."""
+    registry: head1 is also the in-fleet registry's host (fleet_registry); spare: head1 is a spare
+    of replica a (fleet_spare) and worker2 that replica's head."""
     hv = {"ansible_connection": "local", "ansible_python_interpreter": sys.executable,
           "ansible_host": HOST_MGMT, "fleet_replica": "a", "firewall_ruleset_path": str(tmp / "firewall.nft"),
           "fw_tasks": "table.yml", **host_vars}
+    head1 = "head1 " + " ".join(f"{k}={shlex.quote(json.dumps(v)) if not isinstance(v, str) else repr(v)}"
+                                for k, v in hv.items())
+    worker2 = "worker2 ansible_host=10.251.0.20 fleet_replica=a"
     text = f"""
 [fleet_head]
-head1 {" ".join(f"{k}={shlex.quote(json.dumps(v)) if not isinstance(v, str) else repr(v)}" for k, v in hv.items())}
+{worker2 if spare else head1}
 [fleet_workers]
-worker2 ansible_host=10.251.0.20 fleet_replica=a
+{"" if spare else worker2}
+[fleet_spare]
+{head1 if spare else ""}
 [fleet_serving:children]
 fleet_head
 fleet_workers
@@ -232,6 +239,20 @@ def test_the_in_fleet_registry_takes_the_serving_hosts_and_the_build_host_only(n
     assert not reachable("mon", HOST_MGMT, REGISTRY_PORT) and not reachable("scan", HOST_MGMT, REGISTRY_PORT)
     converge(netns)  # no registry: the port is not ours, the table names it no more
     assert reachable("scan", HOST_MGMT, REGISTRY_PORT)
+
+
+def test_a_spare_keeps_only_its_exporter_to_monitoring_and_balancers(netns):
+    """head1 as a spare of replica a: nothing of the cluster is ours to guard there (nothing of ours
+    listens), so the table names only SSH and the exporter, which the monitoring host and the
+    balancer reach; the scanner and the replica's hosts (a head asks only its members) do not."""
+    out, _ = converge(netns, spare=True)
+    for src in ("mon", "lb"):
+        assert {"exporter", "agent"} <= open_ports(src, HOST_MGMT), (src, out[-3000:])
+    for src in ("scan", "member"):
+        assert not {"exporter", "agent"} & open_ports(src, HOST_MGMT), src
+    listing = in_ns(NS["host"], "nft", "list", "table", "inet", "vllm_fleet").stdout
+    assert "fabric_peers_v4 accept" not in listing and f"dport {PORTS['api']}" not in listing, listing
+    converge(netns)  # back to the plain head for the other tests
 
 
 def test_rerun_changes_nothing_and_check_diff_shows_a_new_source(netns):

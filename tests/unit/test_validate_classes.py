@@ -80,6 +80,11 @@ fleet_api_key=longenough-key-1
 """
 
 
+# A spare host for replica main (group fleet_spare), with the serving hosts' group vars.
+SPARE_GROUP = "[fleet_spare]\n"
+SPARE_VARS = "[fleet_spare:vars]\nfleet_engine=cuda\nfleet_gpus_per_node=4"
+
+
 def edit(old: str, new: str, base: str = BASE) -> str:
     assert base.count(old) == 1, old
     return base.replace(old, new)
@@ -196,6 +201,15 @@ CASES = [
      problem("(inventory)", "fleet_registry", "['gpu-a', 'gpu-b']", "holds more than one host")),
     ("registry-and-image-registry", 3, allvars("image_registry=registry.example:5000/ml\n[fleet_registry]\ngpu-a"),
      problem("gpu-a", "image_registry", "'registry.example:5000/ml'", "or the in-fleet one ([fleet_registry]), not both")),
+    ("spare-also-a-worker", 3, allvars("[fleet_spare]\ngpu-b"),
+     problem("gpu-b", "groups", "'fleet_spare'", "is a spare and a serving host")),
+    ("spare-of-no-replica", 3, allvars(f"{SPARE_GROUP}gpu-s ansible_host=192.0.2.7 fleet_replica=r9\n{SPARE_VARS}"),
+     problem("gpu-s", "fleet_replica", "'r9'", "names no replica of the serving hosts (main)")),
+    ("spare-without-serving-vars", 3, allvars(f"{SPARE_GROUP}gpu-s ansible_host=192.0.2.7"),
+     problem("gpu-s", "fleet_gpus_per_node", "0", "must be at least 1 on a serving host of the cuda engine")),
+    ("spare-tp-does-not-fit", 3, allvars(f"{SPARE_GROUP}gpu-s ansible_host=192.0.2.7 fleet_gpus_per_node=2\n"
+                                         "[fleet_spare:vars]\nfleet_engine=cuda"),
+     problem("gpu-s", "fleet_tensor_parallel_size", "4", "is larger than this node's 2 (fleet_gpus_per_node)")),
     ("registry-address-not-an-ip", 2, allvars("[fleet_registry]\ngpu-a\n[fleet_registry:vars]\nfleet_registry_address=gpu-a.lan"),
      problem("gpu-a", "fleet_registry_address", "'gpu-a.lan'", "is not an IP address")),
 
@@ -294,7 +308,8 @@ def test_bad_inventory_is_refused_before_any_host_is_contacted(results, case):
 
 def test_base_inventories_of_these_cases_are_valid(tmp_path):
     controller = "localhost ansible_connection=local\n" + BASE  # the controller listed for itself, ungrouped
-    for name, text in (("base", BASE), ("balanced", BALANCED), ("controller-listed", controller)):
+    spare = allvars(f"{SPARE_GROUP}gpu-s ansible_host=192.0.2.7\n{SPARE_VARS}")
+    for name, text in (("base", BASE), ("balanced", BALANCED), ("controller-listed", controller), ("spare", spare)):
         proc = run_playbook(VALIDATE, text, tmp_path / name, "--skip-tags", "preflight")
         assert proc.returncode == 0, proc.stdout + proc.stderr
         assert "inventory valid" in proc.stdout

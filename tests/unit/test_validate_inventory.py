@@ -262,6 +262,21 @@ def test_valid_example_inventory_passes(tmp_path):
     assert "inventory valid: 2 host(s), 2 serving" in proc.stdout
 
 
+def test_scale_lab_inventory_with_spares_is_valid(tmp_path):
+    """`lab.py up --spares 3`'s inventory (the scale lab's light hosts) passes as it is written."""
+    from tests.lab import lab
+    key = tmp_path / "id_ed25519"
+    key.write_text("")
+    text = lab.inventory_text(4, key, 3).replace(str(lab.STATE_DIR / "models" / "tiny-llama"), str(tmp_path))
+    assert "[fleet_spare]\nnode5 " in text and "\nnode7 " in text and "node8" not in text
+    (tmp_path / "inventory.ini").write_text(text)
+    proc = subprocess.run(["ansible-playbook", "-i", str(tmp_path / "inventory.ini"), PLAYBOOK,
+                           "--tags", "validate", "--skip-tags", "preflight"],
+                          cwd=REPO, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "inventory valid: 7 host(s), 4 serving, 3 spare" in proc.stdout
+
+
 def test_base_inventory_of_these_tests_is_valid(tmp_path):
     proc = run_deploy(tmp_path, base_inventory(), "--tags", "validate", "--skip-tags", "preflight")
     assert proc.returncode == 0, proc.stdout + proc.stderr

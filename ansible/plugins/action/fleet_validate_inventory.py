@@ -45,8 +45,9 @@ MONITORING_GROUP = "fleet_monitoring"
 BALANCER_GROUP = "fleet_loadbalancer"
 HEALER_GROUP = "fleet_healer"  # optional: the healer host (role healer), else the first monitoring host
 REGISTRY_GROUP = "fleet_registry"  # optional: the in-fleet image registry's host (role registry)
+SPARE_GROUP = "fleet_spare"  # optional: hosts provisioned for a replica (fleet_replica) that serve nothing yet
 KNOWN_GROUPS = (HEAD_GROUP, WORKER_GROUP, SERVING_GROUP, MONITORING_GROUP, BALANCER_GROUP, HEALER_GROUP,
-                REGISTRY_GROUP)
+                REGISTRY_GROUP, SPARE_GROUP)
 TENANT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 TENANT_FIELDS = {"name", "key", "rate_limit"}
 # Port settings where 0 means "no such listener".
@@ -776,11 +777,13 @@ class Checker:
             self.add(host, "groups", "fleet_head+fleet_workers", "a host is either a head or a worker, not both")
         self.check_addresses(all_hosts)
         balancers = set(self.groups.get(BALANCER_GROUP, []))
+        spares = [h for h in self.groups.get(SPARE_GROUP, []) if h not in serving]
         for host in all_hosts:
-            self.check_host(host, host in serving)
+            # A spare is checked as a serving host: it must be able to join its replica as it is.
+            self.check_host(host, host in serving or host in spares)
             if host in balancers:
                 self.check_balancer_host(host, self.values[host])
-        self.check_replicas(heads, serving)
+        self.check_replicas(heads, serving, spares)
         self.check_balancer(heads)
         return self.problems
 
@@ -803,6 +806,10 @@ class Checker:
             for host in extra:
                 self.add(host, "groups", SERVING_GROUP, "is in fleet_serving but neither in fleet_head nor in "
                                                         "fleet_workers: put it in one of them")
+        for host in self.groups.get(SPARE_GROUP, []):
+            if host in serving_group or host in heads or host in workers:
+                self.add(host, "groups", SPARE_GROUP, "is a spare and a serving host: a spare serves nothing until "
+                                                      "it is moved to fleet_head or fleet_workers")
         registry = self.groups.get(REGISTRY_GROUP, [])
         if len(registry) > 1:
             self.add("(inventory)", REGISTRY_GROUP, registry, "holds more than one host: the in-fleet registry "
@@ -825,7 +832,7 @@ class Checker:
             # The controller listed for itself (localhost, or the image build host) needs no group.
             if host not in build_hosts and host != "localhost" and self.raw[host].get("ansible_connection") != "local":
                 self.add(host, "groups", [], "is in no group: put it under [fleet_head], [fleet_workers], "
-                                             "[fleet_monitoring] or [fleet_loadbalancer]")
+                                             "[fleet_spare], [fleet_monitoring] or [fleet_loadbalancer]")
 
     def check_connection(self, host: str) -> None:
         """Connection variables first: Ansible would fail on them with its own, raw, messages."""
@@ -1061,12 +1068,20 @@ class Checker:
         """Settings whose Valid: rule says 'same in a replica', in the order of the specs."""
         return [n for n, s in self.specs.items() if s.get("rule") is not None and s["rule"].replica_wide]
 
-    def check_replicas(self, heads: list[str], serving: list[str]) -> None:
+    def check_replicas(self, heads: list[str], serving: list[str], spares: list[str]) -> None:
         replicas: dict[str, list[str]] = {}
         for host in serving:
             replicas.setdefault(self.values[host].get("fleet_replica", "main"), []).append(host)
+        for host in spares:
+            replica = self.values[host].get("fleet_replica", "main")
+            if replica not in replicas:
+                self.add(host, "fleet_replica", replica,
+                         f"names no replica of the serving hosts ({', '.join(sorted(replicas)) or 'none'}): a spare "
+                         "stands by for one (its fabric settings are found by route to that replica's head)")
         for replica, hosts in sorted(replicas.items()):
             replica_heads = [h for h in hosts if h in heads]
+            # Its spares must be able to join it as they are: the same replica-wide settings, room for TP.
+            members = hosts + [h for h in spares if self.values[h].get("fleet_replica", "main") == replica]
             if not replica_heads:
                 self.add(hosts[0], "fleet_replica", replica, f"replica {replica!r} has no host in fleet_head")
                 continue
@@ -1077,7 +1092,7 @@ class Checker:
             head = replica_heads[0]
             hv = self.values[head]
             for var in self.replica_wide():
-                for host in hosts:
+                for host in members:
                     if self.values[host].get(var) != hv.get(var):
                         self.add(host, var, self.shown(var, self.values[host].get(var)),
                                  f"differs from the head {head} ({self.shown(var, hv.get(var))!r}); it must be the "
@@ -1085,7 +1100,7 @@ class Checker:
             tp, pp = hv.get("fleet_tensor_parallel_size", 1), hv.get("fleet_pipeline_parallel_size", 1)
             if not isinstance(tp, int) or not isinstance(pp, int) or tp < 1 or pp < 1:
                 continue
-            for host in hosts:
+            for host in members:
                 cap, cap_var = self.capacity(host)
                 if cap >= 1 and tp > cap:
                     self.add(host, "fleet_tensor_parallel_size", tp,
@@ -1278,4 +1293,5 @@ class ActionModule(ActionBase):
         serving = [h for h in groups.get(HEAD_GROUP, []) + groups.get(WORKER_GROUP, [])]
         return dict(result, changed=False,
                     msg=f"inventory valid: {len(hosts)} host(s), {len(set(serving))} serving, "
-                        f"{len(specs)} known settings")
+                        + (f"{len(groups[SPARE_GROUP])} spare, " if groups.get(SPARE_GROUP) else "")
+                        + f"{len(specs)} known settings")
