@@ -1072,16 +1072,19 @@ class Checker:
         replicas: dict[str, list[str]] = {}
         for host in serving:
             replicas.setdefault(self.values[host].get("fleet_replica", "main"), []).append(host)
+        spares_of: dict[str, list[str]] = {}
         for host in spares:
             replica = self.values[host].get("fleet_replica", "main")
-            if replica not in replicas:
+            if replica in replicas:
+                spares_of.setdefault(replica, []).append(host)
+            else:
                 self.add(host, "fleet_replica", replica,
                          f"names no replica of the serving hosts ({', '.join(sorted(replicas)) or 'none'}): a spare "
                          "stands by for one (its fabric settings are found by route to that replica's head)")
         for replica, hosts in sorted(replicas.items()):
             replica_heads = [h for h in hosts if h in heads]
             # Its spares must be able to join it as they are: the same replica-wide settings, room for TP.
-            members = hosts + [h for h in spares if self.values[h].get("fleet_replica", "main") == replica]
+            members = hosts + spares_of.get(replica, [])
             if not replica_heads:
                 self.add(hosts[0], "fleet_replica", replica, f"replica {replica!r} has no host in fleet_head")
                 continue
